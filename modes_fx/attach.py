@@ -1,0 +1,48 @@
+"""``attach`` / ``detach``: bind a Schedule to a Hugging Face MoE model."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from modes_fx import runtime
+from modes_fx.schedule import Schedule
+
+
+def _as_schedule(schedule: Schedule | str | os.PathLike) -> Schedule:
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, (str, os.PathLike)):
+        return Schedule.load(schedule)
+    raise TypeError(f"schedule must be a modes_fx.Schedule or a path to one, got {type(schedule).__name__}")
+
+
+def attach(model: torch.nn.Module, schedule: Schedule | str | os.PathLike) -> torch.nn.Module:
+    """Validate ``schedule`` against ``model`` and install what ``backend="modes"`` needs.
+
+    Records which parameters belong to which MoE site and adds a forward pre-hook that computes
+    every token's modality id from ``input_ids`` / ``attention_mask``. Attaching again replaces
+    the previous schedule (idempotent). Returns ``model``.
+    """
+    schedule = _as_schedule(schedule)
+    schedule.check_model(model)
+    detach(model)
+    state = runtime.AttachedState.create(model, schedule)
+
+    @torch.compiler.disable
+    def record_modalities(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        state.record_call(input_ids, kwargs.get("attention_mask"))
+
+    state.hook_handle = model.register_forward_pre_hook(record_modalities, with_kwargs=True)
+    runtime.register(state)
+    return model
+
+
+def detach(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo ``attach`` (no-op when nothing is attached). Returns ``model``."""
+    state = runtime.state_of(model)
+    if state is not None:
+        state.hook_handle.remove()
+        runtime.unregister(state)
+    return model

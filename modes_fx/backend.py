@@ -1,0 +1,128 @@
+"""The ``modes`` Dynamo backend: ``torch.compile(model, backend="modes")``.
+
+Runs the passes on each graph Dynamo hands over, then the inner compiler (inductor by default,
+``options={"inner": "eager"}`` for debugging). Registered through the ``torch_dynamo_backends``
+entry point, so ``backend="modes"`` resolves without importing modes_fx first.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import fx
+
+from modes_fx import runtime
+from modes_fx.passes.rewrite_masked_dispatch import RewriteMaskedDispatch
+from modes_fx.passes.rewrite_sentinel_routing import RewriteSentinelRouting
+from modes_fx.report import GraphReport, Report
+
+log = logging.getLogger("modes_fx")
+_REPORT = Report()
+_OPTIONS = ("inner", "schedule")
+PASSES = (RewriteMaskedDispatch, RewriteSentinelRouting)
+
+
+def last_report() -> Report:
+    """What the backend did to every graph it compiled since ``reset_report()``."""
+    return _REPORT
+
+
+def reset_report() -> None:
+    _REPORT.graphs.clear()
+
+
+def resolver_for(example_inputs: Sequence) -> Callable[[fx.Node], runtime.ParamRole | None]:
+    """Map a placeholder (of the graph or of any copy of it) to the attached site weight it
+    receives, by its position among the placeholders and the example input's storage."""
+
+    def resolve(node: fx.Node) -> runtime.ParamRole | None:
+        if node.op != "placeholder":
+            return None
+        position = [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
+        value = example_inputs[position]
+        return runtime.role_of(value) if isinstance(value, torch.Tensor) else None
+
+    return resolve
+
+
+def _attach_from_options(schedule, example_inputs: Sequence) -> None:
+    """Honour ``options={"schedule": ...}`` when ``attach`` was not called on this model."""
+    if any(runtime.role_of(x) for x in example_inputs if isinstance(x, torch.Tensor)):
+        return
+    model = _model_being_compiled()
+    if model is None:
+        raise RuntimeError(
+            "modes: options={'schedule': ...} needs the model being compiled, and this graph does not come "
+            "from a model's forward; call modes_fx.attach(model, schedule) before torch.compile instead"
+        )
+    from modes_fx.attach import attach
+
+    attach(model, schedule)
+    state = runtime.state_of(model)
+    frame_locals = _traced_frame_locals()
+    state.record_call(frame_locals.get("input_ids"), frame_locals.get("attention_mask"))
+
+
+def _traced_frame_locals() -> dict:
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    return dict(tx.f_locals) if tx is not None else {}
+
+
+def _model_being_compiled() -> torch.nn.Module | None:
+    """The Hugging Face model whose forward Dynamo is tracing right now, if any."""
+    model = _traced_frame_locals().get("self")
+    return model if isinstance(model, torch.nn.Module) and hasattr(model, "config") else None
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence, inner: str, mode: str | None) -> Callable:
+    if inner == "eager":
+        return gm.forward
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = torch._inductor.list_mode_options(mode) if mode else {}
+        return compile_fx(gm, list(example_inputs), config_patches=patches)
+    raise ValueError(f"modes: unknown inner compiler {inner!r}; use 'inductor' or 'eager'")
+
+
+def _inference_only(fn: Callable) -> Callable:
+    """Run a rewritten graph without autograd (the modes ops have no backward: inference only)."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        with torch.no_grad():
+            return fn(*args)
+
+    return run
+
+
+def modes_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | None = None, mode: str | None = None, **_):
+    """Dynamo backend: rewrite the MoE sites of ``gm`` for MoDES skipping, then compile it."""
+    options = dict(options or {})
+    unknown = set(options) - set(_OPTIONS)
+    if unknown:
+        raise ValueError(f"modes: unknown option(s) {sorted(unknown)}; known: {list(_OPTIONS)}")
+    inner = options.get("inner", "inductor")
+    if options.get("schedule") is not None:
+        from modes_fx.attach import _as_schedule
+
+        _attach_from_options(_as_schedule(options["schedule"]), example_inputs)
+    report = GraphReport(index=len(_REPORT.graphs), num_nodes=len(gm.graph.nodes), inner=inner)
+    resolve = resolver_for(example_inputs)
+    current = gm
+    for pass_cls in PASSES:
+        p = pass_cls(resolve)
+        current = p(current).graph_module
+        report.rewrites += p.rewrites
+        report.unsupported += p.unsupported
+    _REPORT.graphs.append(report)
+    for line in report.lines():
+        log.info(line)
+    if current is gm:
+        return _inner_compile(gm, example_inputs, inner, mode)
+    with torch.no_grad():
+        return _inference_only(_inner_compile(current, example_inputs, inner, mode))

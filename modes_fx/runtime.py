@@ -1,0 +1,158 @@
+"""The attached state of a model at run time, and the lookup from a weight tensor to its MoE site.
+
+Compiled graphs carry no per-layer constants: the ``modes::route_mask`` op finds its site from the
+router weight it is handed (by storage address), so one graph that Dynamo reuses for several
+layers applies each layer's own thresholds, and thresholds can change between calls without a
+recompile (calibration relies on that).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from modes_fx.modality import UNMAPPED, kind_to_column, special_token_ids, token_modality_ids
+from modes_fx.schedule import Schedule
+from modes_fx.sites import MoESite, find_moe_sites, site_parameters
+
+PARAM_ROLES = ("router_weight", "gate_up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ParamRole:
+    """What a parameter is to modes: which site of which attached model, and which weight."""
+
+    state: "AttachedState"
+    site: int
+    role: str
+
+
+@dataclass(eq=False, repr=False)
+class AttachedState:
+    """Everything ``attach`` installs on one model.
+
+    thresholds: float32 [L, M + 1], column 0 = -inf (no modality), column c + 1 = τ[c] / α[l, c].
+    modality_ids: int64 [T] for the current call (set by the forward pre-hook), or None.
+    """
+
+    model_ref: weakref.ref
+    schedule: Schedule
+    sites: list[MoESite]
+    kind_token_ids: dict[str, int]
+    kind_ids: dict[str, int]
+    thresholds: torch.Tensor
+    modality_ids: torch.Tensor | None = None
+    hook_handle: object = None
+    _device_thresholds: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"AttachedState({self.schedule.model_class}, {len(self.sites)} sites, modalities={self.schedule.modalities})"
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, schedule: Schedule) -> "AttachedState":
+        return cls(
+            model_ref=weakref.ref(model),
+            schedule=schedule,
+            sites=find_moe_sites(model),
+            kind_token_ids=special_token_ids(model.config),
+            kind_ids=kind_to_column(schedule.modalities),
+            thresholds=schedule.thresholds(),
+        )
+
+    def set_thresholds(self, table: torch.Tensor) -> None:
+        """Replace the threshold table (float32 [L, M + 1]); takes effect at the next call, no recompile."""
+        expected = tuple(self.thresholds.shape)
+        if tuple(table.shape) != expected:
+            raise ValueError(f"threshold table must have shape {expected}, got {tuple(table.shape)}")
+        if torch.isnan(table).any():
+            raise ValueError("threshold table contains NaN")
+        self.thresholds = table.detach().to(torch.float32, copy=True).cpu()
+        self._device_thresholds.clear()
+
+    def site_thresholds(self, site: int, device: torch.device) -> torch.Tensor:
+        """Threshold row float32 [M + 1] of one site, on ``device``."""
+        table = self._device_thresholds.get(device)
+        if table is None:
+            table = self._device_thresholds[device] = self.thresholds.to(device)
+        return table[site]
+
+    def record_call(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+        """Compute the modality id of every token of the call about to run (see modality.py)."""
+        if input_ids is None:
+            self.modality_ids = None
+            return
+        ids = token_modality_ids(input_ids, attention_mask, self.kind_token_ids, self.kind_ids)
+        if (ids == UNMAPPED).any():
+            missing = [k for k, v in self.kind_ids.items() if v == UNMAPPED]
+            raise ValueError(
+                f"the input has tokens of a modality the schedule has no threshold for "
+                f"(uncovered: {', '.join(missing)}; schedule modalities: {self.schedule.modalities})"
+            )
+        self.modality_ids = ids
+
+    def call_modality_ids(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """The current call's modality ids int64 [T], checked against the T rows an MoE site sees."""
+        ids = self.modality_ids
+        if ids is None:
+            raise RuntimeError(
+                "modes: no token modalities are known for this call. Call the attached model itself "
+                "with input_ids (modes_fx.attach installs the hook that reads them)."
+            )
+        if ids.numel() != num_tokens:
+            raise RuntimeError(
+                f"modes: the MoE site received {num_tokens} tokens but the call's input_ids hold "
+                f"{ids.numel()}; call the attached model itself, not one of its submodules."
+            )
+        return ids.to(device)
+
+    def param_roles(self) -> dict[int, tuple[int, str]]:
+        """data_ptr → (site index, role) for the current weights of every site."""
+        model = self.model_ref()
+        if model is None:
+            return {}
+        roles = {}
+        for site in self.sites:
+            for role, param in site_parameters(model, site).items():
+                roles[param.data_ptr()] = (site.index, role)
+        return roles
+
+
+_STATES: list[AttachedState] = []
+_ROLES: dict[int, ParamRole] = {}
+
+
+def register(state: AttachedState) -> None:
+    _STATES.append(state)
+    _refresh()
+
+
+def unregister(state: AttachedState) -> None:
+    _STATES.remove(state)
+    _refresh()
+
+
+def _refresh() -> None:
+    _ROLES.clear()
+    for state in _STATES:
+        for ptr, (site, role) in state.param_roles().items():
+            _ROLES[ptr] = ParamRole(state, site, role)
+
+
+def role_of(tensor: torch.Tensor) -> ParamRole | None:
+    """The attached site and role of a weight tensor, or None when no attached model owns it.
+
+    Re-reads the attached models once on a miss, since ``model.to(...)`` moves weights."""
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+        return None
+    ptr = tensor.data_ptr()
+    found = _ROLES.get(ptr)
+    if found is None:
+        _refresh()
+        found = _ROLES.get(ptr)
+    return found
+
+
+def state_of(model: torch.nn.Module) -> AttachedState | None:
+    """The state attached to ``model``, or None."""
+    return next((s for s in _STATES if s.model_ref() is model), None)

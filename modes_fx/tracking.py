@@ -1,0 +1,105 @@
+"""``track()``: count the (token, expert) pairs the ``modes`` ops kept and skipped.
+
+Counts come from the keep mask that the dispatch consumed, so they are what was computed.
+Skip ratio = skipped pairs / (tokens with a modality · k), summed over MoE sites; padding
+(modality id 0) is not counted.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+_ACTIVE: list["SkipTracker"] = []
+
+
+@dataclass
+class Counts:
+    """Kept and total routed pairs."""
+
+    kept: int = 0
+    total: int = 0
+
+    @property
+    def skipped(self) -> int:
+        return self.total - self.kept
+
+    @property
+    def skip_ratio(self) -> float:
+        """Skipped / total pairs; NaN when nothing was counted."""
+        return self.skipped / self.total if self.total else float("nan")
+
+
+@dataclass
+class SkipTracker:
+    """Counts per (site path, modality name), filled while the ``track()`` block runs."""
+
+    counts: dict[tuple[str, str], Counts] = field(default_factory=lambda: defaultdict(Counts))
+    calls: int = 0
+
+    def _sum(self, key_index: int) -> dict[str, Counts]:
+        out: dict[str, Counts] = defaultdict(Counts)
+        for key, c in self.counts.items():
+            out[key[key_index]].kept += c.kept
+            out[key[key_index]].total += c.total
+        return dict(out)
+
+    @property
+    def kept(self) -> int:
+        return sum(c.kept for c in self.counts.values())
+
+    @property
+    def skipped(self) -> int:
+        return sum(c.skipped for c in self.counts.values())
+
+    @property
+    def skip_ratio(self) -> float:
+        """Overall skip ratio over every site and modality (NaN when nothing ran)."""
+        total = self.kept + self.skipped
+        return self.skipped / total if total else float("nan")
+
+    @property
+    def by_modality(self) -> dict[str, float]:
+        """Skip ratio per modality name."""
+        return {m: c.skip_ratio for m, c in self._sum(1).items()}
+
+    @property
+    def by_layer(self) -> dict[str, float]:
+        """Skip ratio per MoE site path."""
+        return {p: c.skip_ratio for p, c in self._sum(0).items()}
+
+    def __str__(self) -> str:
+        lines = [f"skip ratio {self.skip_ratio:.4f} ({self.skipped} of {self.kept + self.skipped} pairs)"]
+        lines += [f"  {m:<8s} {r:.4f}" for m, r in self.by_modality.items()]
+        return "\n".join(lines)
+
+
+@contextmanager
+def track():
+    """Context manager yielding a SkipTracker that counts the pairs every ``modes`` site keeps/skips."""
+    tracker = SkipTracker()
+    _ACTIVE.append(tracker)
+    try:
+        yield tracker
+    finally:
+        _ACTIVE.remove(tracker)
+
+
+def record(site_path: str, modalities: list[str], modality_ids: torch.Tensor, keep: torch.Tensor) -> None:
+    """Add one site call to every active tracker.
+
+    modality_ids: int64 [T] (0 = no modality, c + 1 = column c); keep: bool [T, k]."""
+    if not _ACTIVE:
+        return
+    bins = len(modalities) + 1
+    kept = torch.bincount(modality_ids, weights=keep.sum(dim=1, dtype=torch.float64), minlength=bins)
+    tokens = torch.bincount(modality_ids, minlength=bins)
+    k = keep.shape[1]
+    for tracker in _ACTIVE:
+        tracker.calls += 1
+        for column, name in enumerate(modalities, start=1):
+            c = tracker.counts[(site_path, name)]
+            c.kept += int(kept[column])
+            c.total += int(tokens[column]) * k

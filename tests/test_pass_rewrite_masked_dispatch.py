@@ -1,0 +1,151 @@
+"""RewriteMaskedDispatch on real Dynamo graphs of tiny transformers models: what it rewrites,
+what it must not rewrite, and the invariants of its output graph."""
+import pytest
+import torch
+
+import modes_fx
+from modes_fx.passes.match_moe_sites import match_moe_sites
+from modes_fx.passes.rewrite_masked_dispatch import RewriteMaskedDispatch
+from modes_fx.sites import find_moe_sites
+
+from graph_capture import capture, count_targets, signature
+from tiny_models import build, text_inputs
+
+MASKED = "modes.masked_experts.default"
+ROUTE = "modes.route_mask.default"
+DENSE_DISPATCH = ("grouped_mm", "bmm", "histc", "sort", "repeat_interleave")
+
+
+def _attached(name, impl, **overrides):
+    model = build(name, experts_implementation=impl, **overrides)
+    return modes_fx.attach(model, modes_fx.Schedule.constant(model, tau={"text": 0.0}))
+
+
+@pytest.fixture(scope="module", params=["grouped_mm", "batched_mm"])
+def captured(request):
+    model = _attached("qwen3_moe", request.param, num_hidden_layers=3)
+    (graph,) = capture(model, text_inputs(model))
+    yield model, graph
+    modes_fx.detach(model)
+
+
+def test_one_masked_dispatch_op_per_moe_layer_and_no_dense_dispatch_left(captured):
+    model, graph = captured
+    result = RewriteMaskedDispatch(graph.resolve)(graph.gm)
+    assert result.modified
+    counts = count_targets(result.graph_module)
+    layers = len(find_moe_sites(model))
+    assert layers == 3
+    assert counts[MASKED] == layers and counts[ROUTE] == layers
+    leftovers = [t for t in counts if any(d in t for d in DENSE_DISPATCH)]
+    assert leftovers == []
+
+
+def test_rewrite_never_mutates_its_input(captured):
+    _, graph = captured
+    before = signature(graph.gm)
+    code_before = graph.gm.code
+    RewriteMaskedDispatch(graph.resolve)(graph.gm)
+    assert signature(graph.gm) == before
+    assert graph.gm.code == code_before
+
+
+def test_rewrite_is_idempotent(captured):
+    _, graph = captured
+    once = RewriteMaskedDispatch(graph.resolve)(graph.gm).graph_module
+    again = RewriteMaskedDispatch(graph.resolve)(once)
+    assert not again.modified
+    assert signature(again.graph_module) == signature(once)
+
+
+def test_new_nodes_carry_coherent_meta(captured):
+    _, graph = captured
+    gm = RewriteMaskedDispatch(graph.resolve)(graph.gm).graph_module
+    for node in gm.graph.nodes:
+        if str(node.target) in (MASKED, ROUTE):
+            value = node.meta["example_value"]
+            assert "nn_module_stack" in node.meta
+            if str(node.target) == ROUTE:
+                scores = node.args[0].meta["example_value"]
+                assert value.dtype == torch.bool and value.shape == scores.shape
+            else:
+                hidden = node.args[0].meta["example_value"]
+                assert value.dtype == hidden.dtype and value.shape == hidden.shape
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    originals = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
+    assert [getattr(n, "_dynamo_source", None) for n in placeholders] == [getattr(n, "_dynamo_source", None) for n in originals]
+
+
+def test_rewritten_graph_computes_what_the_original_did(captured):
+    _, graph = captured
+    gm = RewriteMaskedDispatch(graph.resolve)(graph.gm).graph_module
+    model_inputs = graph.example_inputs
+    with torch.no_grad():
+        expected = graph.gm(*model_inputs)
+        model = captured[0]
+        from modes_fx import runtime
+
+        runtime.state_of(model).record_call(*[text_inputs(model)[k] for k in ("input_ids", "attention_mask")])
+        got = gm(*model_inputs)
+    for e, g in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
+        if isinstance(e, torch.Tensor) and e.is_floating_point():
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_without_moe_is_left_node_for_node():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    (graph,) = capture(model, {"input_ids": torch.randint(0, 64, (1, 5))})
+    p = RewriteMaskedDispatch(graph.resolve)
+    result = p(graph.gm)
+    assert not result.modified and result.graph_module is graph.gm
+    assert p.rewrites == [] and p.unsupported == []
+
+
+def test_unattached_model_is_reported_and_left_untouched():
+    model = build("qwen3_moe", experts_implementation="grouped_mm")
+    (graph,) = capture(model, text_inputs(model))
+    p = RewriteMaskedDispatch(graph.resolve)
+    result = p(graph.gm)
+    assert not result.modified
+    assert len(p.unsupported) == len(find_moe_sites(model))
+    assert all("no attached model" in u.reason for u in p.unsupported)
+
+
+def test_topk_outside_moe_modules_is_not_rewritten_nor_reported():
+    class TopKHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 6, bias=False)
+
+        def forward(self, x):
+            probs = torch.softmax(self.proj(x), dim=-1)
+            values, indices = torch.topk(probs, 2, dim=-1)
+            return values / values.sum(-1, keepdim=True), indices
+
+    (graph,) = capture(TopKHead(), {"x": torch.randn(4, 8)})
+    matches = match_moe_sites(graph.gm.graph)
+    assert len(matches.sites) == 1 and matches.sites[0].consumer == "graph_output"
+    assert matches.unsupported == []
+    p = RewriteMaskedDispatch(graph.resolve)
+    assert not p(graph.gm).modified and p.unsupported == []
+
+
+def test_sigmoid_router_is_reported_unsupported_and_left_untouched():
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+        first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        max_position_embeddings=64,
+    )
+    model = DeepseekV3ForCausalLM._from_config(cfg, experts_implementation="grouped_mm").eval()
+    (graph,) = capture(model, {"input_ids": torch.randint(0, 64, (1, 5))})
+    matches = match_moe_sites(graph.gm.graph)
+    assert matches.sites == []
+    assert len(matches.unsupported) == 2
+    assert all("sigmoid" in u.reason for u in matches.unsupported)
+    assert not RewriteMaskedDispatch(graph.resolve)(graph.gm).modified
