@@ -60,16 +60,24 @@ def _attach_from_options(schedule, example_inputs: Sequence) -> None:
     from modes_fx.attach import attach
 
     attach(model, schedule)
-    state = runtime.state_of(model)
-    frame_locals = _traced_frame_locals()
-    state.record_call(frame_locals.get("input_ids"), frame_locals.get("attention_mask"))
+    # The pre-hook attach installed runs from the next call on; this call is already running.
+    call = _traced_frame_locals()
+    args = call.get("args") or ()
+    input_ids = call.get("input_ids", args[0] if args else None)
+    runtime.state_of(model).record_call(input_ids, call.get("attention_mask"))
 
 
 def _traced_frame_locals() -> dict:
+    """Locals of the frame Dynamo is tracing, with ``**kwargs`` merged in (``_call_impl`` frames)."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     tx = InstructionTranslator.current_tx()
-    return dict(tx.f_locals) if tx is not None else {}
+    if tx is None:
+        return {}
+    local = dict(tx.f_locals)
+    if isinstance(local.get("kwargs"), dict):
+        local = {**local["kwargs"], **local}
+    return local
 
 
 def _model_being_compiled() -> torch.nn.Module | None:

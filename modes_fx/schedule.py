@@ -1,0 +1,391 @@
+"""The per-model skipping plan: layer importance α[l, m] and modality thresholds τ[m].
+
+MoDES skips the routed (token, expert) pair of a token of modality column m at MoE site l when
+α[l, m] · π < τ[m], π being the pair's routing weight (see docs/architecture.md). A Schedule is
+made once per model (by calibration, or by hand with ``Schedule.constant``), saved as versioned
+JSON and checked against the model it is attached to.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import numbers
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+
+import torch
+
+from modes_fx.modality import GROUP_COLUMNS, TOKEN_KINDS, check_columns, special_token_ids
+from modes_fx.sites import MoESite, find_moe_sites, model_fingerprint
+
+FORMAT_VERSION = 1
+_INF = "inf"  # how +inf τ is written: JSON has no infinity
+
+
+@dataclass
+class Schedule:
+    """Skipping plan of one model.
+
+    Args:
+        modalities: schedule columns, e.g. ["text", "image", "video"] or ["text", "vision"];
+            column c has modality id c + 1 (id 0 = padding, never skipped).
+        site_paths: module paths of the model's MoE blocks, in layer order (L of them).
+        alpha: layer importance α, [L][M], finite and ≥ 0 (each column sums to 1 after
+            calibration; a hand-made schedule may use uniform 1/L).
+        tau: threshold τ per column, [M], ≥ 0; +inf skips every routed pair of that column.
+        top_k, num_experts: routing of every MoE site (k of E experts).
+        model_class: class name of the model the schedule was made for.
+        fingerprint: ``sites.model_fingerprint`` of that model ({} skips the fingerprint checks).
+        target_skip, measured_skip: skip ratio (skipped pairs / (non-padding tokens × k)) the
+            calibration aimed at and reached, in [0, 1], or None.
+        calibration: free-form JSON-serialisable metadata (data size, grid, KL, ...).
+        format_version: version of the JSON format; only FORMAT_VERSION is supported.
+
+    -0.0 in α or τ is stored as 0.0 (so that τ / α never gives -inf).
+    """
+
+    modalities: list[str]
+    site_paths: list[str]
+    alpha: list[list[float]]
+    tau: list[float]
+    top_k: int
+    num_experts: int
+    model_class: str
+    fingerprint: dict[str, str] = field(default_factory=dict)
+    target_skip: float | None = None
+    measured_skip: float | None = None
+    calibration: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        self.alpha = _as_list(self.alpha)
+        self.tau = _as_list(self.tau)
+        self.validate()
+        self.modalities = list(self.modalities)
+        self.site_paths = list(self.site_paths)
+        self.alpha = [[float(a) + 0.0 for a in row] for row in self.alpha]
+        self.tau = [float(t) + 0.0 for t in self.tau]
+        self.fingerprint = dict(self.fingerprint)
+        self.calibration = dict(self.calibration)
+
+    # ------------------------------------------------------------------------------------------
+    # Construction
+
+    @classmethod
+    def constant(
+        cls,
+        model: torch.nn.Module,
+        tau: Mapping[str, float],
+        alpha: Sequence[Sequence[float]] | Mapping[str, Sequence[float]] | None = None,
+        modalities: Sequence[str] | None = None,
+    ) -> Schedule:
+        """A hand-made schedule for ``model`` (tests, hand tuning).
+
+        tau: column name → τ; columns not named get τ = 0 (never skip).
+        alpha: None (uniform 1/L), a list [L][M], or column name → list [L] (columns not named
+            get 1/L).
+        modalities: the columns; by default "text" plus each token kind the model config declares
+            (image, video, audio, in that order), with "vision" in place of image and video when
+            ``tau`` names "vision".
+        Raises ValueError for a model without MoE sites or a name that is not a column."""
+        sites = _sites_or_raise(model)
+        columns = list(modalities) if modalities is not None else _default_columns(model, tau)
+        check_columns(columns)
+        _check_names("tau", tau, columns)
+        L = len(sites)
+        if alpha is None or isinstance(alpha, Mapping):
+            alpha = _alpha_from_columns(alpha or {}, columns, L)
+        return cls(
+            modalities=columns,
+            site_paths=[s.path for s in sites],
+            alpha=alpha,
+            tau=[tau.get(c, 0.0) for c in columns],
+            top_k=_common(sites, "top_k"),
+            num_experts=_common(sites, "num_experts"),
+            model_class=type(model).__name__,
+            fingerprint=model_fingerprint(model),
+            calibration={"method": "constant"},
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Validation
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the offending value or position when the
+        schedule is inconsistent (shapes, NaN or negative α/τ, unknown modality, ...)."""
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"format_version {self.format_version!r} is not supported (expected {FORMAT_VERSION})")
+        for name in ("modalities", "site_paths", "alpha", "tau"):
+            _check_list(name, getattr(self, name))
+        if not self.modalities or not all(isinstance(m, str) for m in self.modalities):
+            raise ValueError(f"modalities must be a non-empty list of names, got {self.modalities!r}")
+        try:
+            check_columns(self.modalities)
+        except ValueError as e:
+            raise ValueError(f"modalities: {e}") from None
+        if not self.site_paths or not all(isinstance(p, str) for p in self.site_paths):
+            raise ValueError(f"site_paths must be a non-empty list of module paths, got {self.site_paths!r}")
+        self._validate_alpha()
+        self._validate_tau()
+        self._validate_scalars()
+
+    def _validate_alpha(self) -> None:
+        L, M = len(self.site_paths), len(self.modalities)
+        if len(self.alpha) != L:
+            raise ValueError(f"alpha has {len(self.alpha)} rows, site_paths has {L} MoE sites")
+        for l, row in enumerate(self.alpha):
+            _check_list(f"alpha[{l}]", row)
+            if len(row) != M:
+                raise ValueError(f"alpha[{l}] has {len(row)} values, modalities has {M} columns")
+            for c, a in enumerate(row):
+                _check_number(f"alpha[{l}][{c}]", a, allow_inf=False)
+
+    def _validate_tau(self) -> None:
+        M = len(self.modalities)
+        if len(self.tau) != M:
+            raise ValueError(f"tau has {len(self.tau)} values, modalities has {M} columns")
+        for c, t in enumerate(self.tau):
+            _check_number(f"tau[{c}] ({self.modalities[c]})", t, allow_inf=True)
+
+    def _validate_scalars(self) -> None:
+        for name in ("top_k", "num_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        if not isinstance(self.model_class, str) or not self.model_class:
+            raise ValueError(f"model_class must be a class name, got {self.model_class!r}")
+        for name in ("target_skip", "measured_skip"):
+            value = getattr(self, name)
+            if value is not None and not (_is_real(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be None or a ratio in [0, 1], got {value!r}")
+        if not isinstance(self.fingerprint, Mapping) or not all(isinstance(v, str) for v in self.fingerprint.values()):
+            raise ValueError(f"fingerprint must map names to hex digests, got {self.fingerprint!r}")
+        try:
+            json.dumps(self.calibration, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"calibration must be a JSON-serialisable dict without NaN/inf: {e}") from None
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ValueError naming the first difference between the schedule and ``model``'s MoE
+        sites (model class, site count, paths, top_k, num_experts, architecture fingerprint);
+        warn when only the router weights differ from those the schedule was calibrated on."""
+        sites = _sites_or_raise(model)
+        name = type(model).__name__
+        if name != self.model_class:
+            raise ValueError(f"schedule was made for {self.model_class}, model is {name}")
+        if len(sites) != len(self.site_paths):
+            raise ValueError(f"schedule has {len(self.site_paths)} MoE sites, model has {len(sites)}")
+        for site, path in zip(sites, self.site_paths):
+            self._check_site(site, path)
+        if not self.fingerprint:
+            return
+        found = model_fingerprint(model)
+        if self.fingerprint.get("architecture") != found["architecture"]:
+            raise ValueError(
+                "architecture fingerprint differs: the model's MoE sites have other router or experts "
+                f"weight shapes than the schedule's {self.model_class}"
+            )
+        if self.fingerprint.get("weights") != found["weights"]:
+            warnings.warn(
+                "schedule was calibrated on other weights (router weights fingerprint differs); its "
+                "α and τ may not fit this model",
+                stacklevel=2,
+            )
+
+    def _check_site(self, site: MoESite, path: str) -> None:
+        if site.path != path:
+            raise ValueError(f"MoE site {site.index}: schedule has path {path!r}, model has {site.path!r}")
+        for name in ("top_k", "num_experts"):
+            mine, theirs = getattr(self, name), getattr(site, name)
+            if mine != theirs:
+                raise ValueError(f"MoE site {site.index} ({site.path}): model has {name}={theirs}, schedule has {name}={mine}")
+
+    # ------------------------------------------------------------------------------------------
+    # Thresholds
+
+    def thresholds(self) -> torch.Tensor:
+        """Threshold table float32 [L, M + 1] with the layer scale folded in.
+
+        Column 0 (modality id 0, padding) is -inf: never skipped. Column c + 1 is τ[c] / α[l][c],
+        so that α·π < τ ⟺ π < threshold: τ = 0 → 0 (never skip, π ≥ 0); α = 0 with τ > 0 →
+        +inf (always skip); τ = +inf → +inf."""
+        alpha = torch.tensor(self.alpha, dtype=torch.float64)
+        tau = torch.tensor(self.tau, dtype=torch.float64).expand_as(alpha)
+        scaled = torch.where(tau == 0, torch.zeros_like(alpha), tau / alpha)
+        padding = torch.full((alpha.shape[0], 1), -math.inf, dtype=torch.float64)
+        return torch.cat([padding, scaled], dim=1).to(torch.float32)
+
+    # ------------------------------------------------------------------------------------------
+    # JSON
+
+    def to_dict(self) -> dict:
+        """The JSON document (format_version first; +inf τ written as "inf")."""
+        doc = {"format_version": self.format_version}
+        for f in fields(self):
+            if f.name != "format_version":
+                doc[f.name] = copy.deepcopy(getattr(self, f.name))
+        doc["tau"] = [_INF if t == math.inf else t for t in self.tau]
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: Mapping) -> Schedule:
+        """Inverse of ``to_dict``; raises ValueError on a missing/unknown version or field."""
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"a schedule is a JSON object, got {type(doc).__name__}")
+        if "format_version" not in doc:
+            raise ValueError("missing format_version: not a modes-fx schedule")
+        if doc["format_version"] != FORMAT_VERSION:
+            raise ValueError(f"format_version {doc['format_version']!r} is not supported (expected {FORMAT_VERSION})")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(doc) - names)
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in doc]
+        if missing:
+            raise ValueError(f"missing field(s) {', '.join(missing)}")
+        values = dict(doc)
+        if isinstance(values.get("tau"), list):
+            values["tau"] = [math.inf if t == _INF else t for t in values["tau"]]
+        return cls(**values)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the schedule as strict JSON (no NaN/Infinity literals), indent 2, one α row per line."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(_dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Schedule:
+        """Read a schedule written by ``save``; ValueError names the file and the problem."""
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{os.fspath(path)}: not valid JSON ({e})") from None
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{os.fspath(path)}: invalid schedule: {e}") from None
+
+    # ------------------------------------------------------------------------------------------
+    # Display
+
+    def table(self) -> str:
+        """Human-readable summary: header, τ per modality, then α per MoE site (one row each)."""
+        width = max(10, *(len(m) + 2 for m in self.modalities))
+        head = "".join(f"{m:>{width}}" for m in self.modalities)
+        lines = [
+            f"Schedule for {self.model_class}: {len(self.site_paths)} MoE sites, top-{self.top_k} of "
+            f"{self.num_experts} experts, format {self.format_version}",
+            f"skip ratio: target {_fmt_ratio(self.target_skip)}, measured {_fmt_ratio(self.measured_skip)}",
+            f"{'':>6}{head}",
+            f"{'tau':>6}" + "".join(f"{_fmt(t):>{width}}" for t in self.tau),
+            f"{'alpha':<6}",
+        ]
+        for l, (row, path) in enumerate(zip(self.alpha, self.site_paths)):
+            lines.append(f"{l:>6}" + "".join(f"{_fmt(a):>{width}}" for a in row) + f"  {path}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _as_list(value):
+    """Tensors and arrays become nested lists; anything else is returned as is."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value, allow_inf: bool) -> None:
+    if not _is_real(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{name} is NaN")
+    if value < 0:
+        raise ValueError(f"{name} = {value} is negative")
+    if math.isinf(value) and not allow_inf:
+        raise ValueError(f"{name} = {value} is not finite")
+
+
+def _check_list(name: str, value) -> None:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a list, got {value!r}")
+
+
+def _sites_or_raise(model: torch.nn.Module) -> list[MoESite]:
+    sites = find_moe_sites(model)
+    if not sites:
+        raise ValueError(f"{type(model).__name__} has no MoE sites (no experts module with a router found)")
+    return sites
+
+
+def _common(sites: list[MoESite], name: str) -> int:
+    values = sorted({getattr(s, name) for s in sites})
+    if len(values) != 1:
+        raise ValueError(f"the model's MoE sites differ in {name} ({values}); a schedule needs one value")
+    return values[0]
+
+
+def _default_columns(model: torch.nn.Module, tau: Mapping[str, float]) -> list[str]:
+    """"text" + the kinds the config declares (TOKEN_KINDS order); a group named in ``tau``
+    (e.g. "vision") takes the place of its kinds."""
+    declared = special_token_ids(model.config)
+    columns = ["text"] + [k for k in TOKEN_KINDS if k in declared]
+    for group, kinds in GROUP_COLUMNS.items():
+        if group in tau:
+            at = min((columns.index(k) for k in kinds if k in columns), default=len(columns))
+            columns = [c for c in columns if c not in kinds]
+            columns.insert(at, group)
+    return columns
+
+
+def _check_names(what: str, names: Mapping, columns: list[str]) -> None:
+    unknown = [n for n in names if n not in columns]
+    if unknown:
+        raise ValueError(f"{what} names unknown modality {unknown[0]!r}; schedule modalities: {', '.join(columns)}")
+
+
+def _alpha_from_columns(by_column: Mapping[str, Sequence[float]], columns: list[str], L: int) -> list[list[float]]:
+    """[L][M] from column name → list [L]; unnamed columns get uniform 1/L."""
+    _check_names("alpha", by_column, columns)
+    cols = []
+    for c in columns:
+        values = list(_as_list(by_column.get(c, [1.0 / L] * L)))
+        if len(values) != L:
+            raise ValueError(f"alpha[{c!r}] has {len(values)} values, the model has {L} MoE sites")
+        cols.append(values)
+    return [list(row) for row in zip(*cols)]
+
+
+def _dumps(doc: dict) -> str:
+    """Indented JSON with short lists (modalities, τ, each α row) kept on one line."""
+    items = []
+    for key, value in doc.items():
+        if key == "alpha":
+            rows = ",\n".join(f"    {json.dumps(row, allow_nan=False)}" for row in value)
+            text = f"[\n{rows}\n  ]"
+        elif key in ("modalities", "tau"):
+            text = json.dumps(value, allow_nan=False)
+        else:
+            text = json.dumps(value, indent=2, allow_nan=False).replace("\n", "\n  ")
+        items.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(items) + "\n}\n"
+
+
+def _fmt(x: float) -> str:
+    return "inf" if x == math.inf else f"{x:.4g}"
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"

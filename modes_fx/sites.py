@@ -1,0 +1,263 @@
+"""Discover the MoE sites of a Hugging Face (transformers 5.x) model.
+
+An *MoE site* is an MoE block: an experts module (a class decorated by transformers'
+``use_experts_implementation``, holding 3D ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I])
+plus its router, a sibling module with a ``weight`` [E, H] parameter. Sites are numbered in layer
+order (the order of ``named_modules``); dense layers have no experts module and are not sites.
+
+How the router routes is decided by *running* it once on a small probe input and comparing its
+outputs with the reference formulas, not from attribute names alone: Mixtral's and Jamba's
+routers have identical attributes (``top_k``, ``num_experts``, ``weight``, no ``norm_topk_prob``),
+yet Mixtral renormalises the top-k weights and Jamba does not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ROUTER_KINDS = ("softmax_topk", "sigmoid_grouped_topk", "unknown")
+# Instance attributes transformers' ``use_experts_implementation`` sets on every experts module.
+_EXPERTS_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has_post_expert_norm")
+# Attributes of the DeepSeek-V3 family routers (sigmoid scores, score-correction bias for
+# selection, group-limited top-k).
+_GROUPED_SIGMOID_ATTRS = ("e_score_correction_bias", "num_group", "topk_group")
+# A tensor of this name anywhere else in a router (Ernie-4.5 keeps one in ``gate.moe_statics``)
+# means the experts are not selected by π alone: such a router is "unknown".
+_SELECTION_BIAS = "e_score_correction_bias"
+_SHARED_EXPERTS_NAMES = ("shared_expert", "shared_experts")
+_PROBE_TOKENS = 16
+_PROBE_LOGIT_STD = 2.0  # probe inputs are scaled so router logits have this std: spread-out weights
+_PROBE_RTOL, _PROBE_ATOL = 2e-2, 1e-4  # loose enough for bf16 router outputs
+
+
+@dataclass(frozen=True)
+class MoESite:
+    """One MoE block of a model (see the module docstring)."""
+
+    index: int  # position among the model's MoE sites, in layer order (0..L-1)
+    path: str  # module path of the MoE block, e.g. "model.language_model.layers.3.mlp"
+    router_path: str  # e.g. "model.language_model.layers.3.mlp.gate"
+    experts_path: str  # e.g. "model.language_model.layers.3.mlp.experts"
+    router_kind: str  # one of ROUTER_KINDS
+    top_k: int
+    num_experts: int
+    normalizes_top_k: bool  # the router renormalises its k weights to sum 1
+    has_shared_experts: bool
+    activation: str  # transformers activation name of the experts (config.hidden_act)
+    standard_layout: bool  # gated, concatenated [gate; up], not transposed, no bias, no post-expert norm
+
+
+def find_moe_sites(model: torch.nn.Module) -> list[MoESite]:
+    """The MoE sites of ``model`` in layer order; [] for a model without MoE blocks.
+
+    Runs each router once on a 16-token probe input (under ``no_grad``, calling ``forward``
+    directly so no hooks fire) to determine ``router_kind`` and ``normalizes_top_k``; a router on
+    the meta device, or one that does not follow a known formula, is ``"unknown"``."""
+    sites = []
+    for experts_path, experts in model.named_modules():
+        if not _is_experts_module(experts) or "." not in experts_path:
+            continue
+        path = experts_path.rsplit(".", 1)[0]
+        block = model.get_submodule(path)
+        found = _find_router(block, experts, _num_experts(experts))
+        if found is not None:
+            sites.append(_make_site(len(sites), path, block, found, experts_path, experts))
+    return sites
+
+
+def site_parameters(model: torch.nn.Module, site: MoESite) -> dict[str, torch.nn.Parameter]:
+    """The site's weights: ``router_weight`` [E, H], ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I].
+
+    The expert shapes hold for ``site.standard_layout``; otherwise the experts' own layout is
+    returned as is, and ``gate_up_proj`` is absent when the experts have no gate."""
+    experts = model.get_submodule(site.experts_path)
+    params = {"router_weight": model.get_submodule(site.router_path).weight}
+    for name in ("gate_up_proj", "down_proj"):
+        param = getattr(experts, name, None)
+        if isinstance(param, torch.nn.Parameter):
+            params[name] = param
+    return params
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict[str, str]:
+    """Fingerprints that tell whether a schedule was made for this model.
+
+    ``architecture``: sha256 hex of the model class name and every site's (path, top_k,
+    num_experts, router weight shape, gate_up_proj shape, down_proj shape).
+    ``weights``: sha256 hex of the bytes of every router weight, in site order (routers are small:
+    E × H each). Raises for a model whose router weights are on the meta device."""
+    sites = find_moe_sites(model)
+    described = [type(model).__name__]
+    weights = hashlib.sha256()
+    for site in sites:
+        params = site_parameters(model, site)
+        shapes = [list(params[n].shape) if n in params else None for n in ("router_weight", "gate_up_proj", "down_proj")]
+        described.append([site.path, site.top_k, site.num_experts, *shapes])
+        weights.update(_tensor_bytes(params["router_weight"]))
+    architecture = hashlib.sha256(json.dumps(described).encode()).hexdigest()
+    return {"architecture": architecture, "weights": weights.hexdigest()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Discovery
+
+
+def _is_experts_module(module: torch.nn.Module) -> bool:
+    down = getattr(module, "down_proj", None)
+    return all(hasattr(module, f) for f in _EXPERTS_FLAGS) and isinstance(down, torch.Tensor) and down.dim() == 3
+
+
+def _num_experts(experts: torch.nn.Module) -> int:
+    return int(experts.down_proj.shape[0])
+
+
+@dataclass(frozen=True)
+class _Router:
+    name: str
+    module: torch.nn.Module
+    top_k: int
+
+
+def _find_router(block: torch.nn.Module, experts: torch.nn.Module, num_experts: int) -> _Router | None:
+    """The child of ``block`` with a ``weight`` [E, H] parameter and a ``top_k`` (its own or the block's)."""
+    for name, child in block.named_children():
+        weight = getattr(child, "weight", None)
+        if child is experts or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        top_k = getattr(child, "top_k", getattr(block, "top_k", None))
+        if weight.shape[0] == num_experts and isinstance(top_k, int):
+            return _Router(name, child, top_k)
+    return None
+
+
+def _make_site(
+    index: int, path: str, block: torch.nn.Module, router: _Router, experts_path: str, experts: torch.nn.Module
+) -> MoESite:
+    kind, normalizes = _router_kind(router.module, router.top_k)
+    return MoESite(
+        index=index,
+        path=path,
+        router_path=f"{path}.{router.name}",
+        experts_path=experts_path,
+        router_kind=kind,
+        top_k=router.top_k,
+        num_experts=_num_experts(experts),
+        normalizes_top_k=normalizes,
+        has_shared_experts=any(isinstance(getattr(block, n, None), torch.nn.Module) for n in _SHARED_EXPERTS_NAMES),
+        activation=str(getattr(getattr(experts, "config", None), "hidden_act", "unknown")),
+        standard_layout=_standard_layout(experts),
+    )
+
+
+def _standard_layout(experts: torch.nn.Module) -> bool:
+    flags = {f: bool(getattr(experts, f)) for f in _EXPERTS_FLAGS}
+    plain = not (flags["has_bias"] or flags["is_transposed"] or flags["has_post_expert_norm"])
+    has_gate_up = isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+    return flags["has_gate"] and flags["is_concatenated"] and plain and has_gate_up
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# Router behaviour
+
+
+def _router_kind(router: torch.nn.Module, top_k: int) -> tuple[str, bool]:
+    """(router_kind, normalizes_top_k), measured by running the router on a probe input.
+
+    softmax_topk: logits = h Wᵀ, indices = top-k of softmax(logits), weights = the selected
+    probabilities, renormalised or not; a router holding a selection bias is never this kind.
+    sigmoid_grouped_topk (routers with the DeepSeek-V3 attributes): weights = the selected
+    sigmoid(logits), renormalised or not, times ``routed_scaling_factor``; the selection (bias,
+    groups) is not checked. Anything else is "unknown"."""
+    grouped = all(hasattr(router, a) for a in _GROUPED_SIGMOID_ATTRS)
+    probe = None if not grouped and _has_selection_bias(router) else _probe(router, top_k)
+    if probe is None:
+        return "unknown", False
+    logits, weights, index = probe
+    if grouped:
+        kind, scores, scale = "sigmoid_grouped_topk", logits.sigmoid(), float(getattr(router, "routed_scaling_factor", 1.0))
+    else:
+        kind, scores, scale = "softmax_topk", logits.softmax(dim=-1), 1.0
+    picked = scores.gather(1, index)
+    if not grouped and not _selects_top_k(scores, picked):
+        return "unknown", False
+    normalizes = _normalizes(router, weights / scale, picked)
+    return ("unknown", False) if normalizes is None else (kind, normalizes)
+
+
+def _normalizes(router: torch.nn.Module, weights: torch.Tensor, picked: torch.Tensor) -> bool | None:
+    """Whether ``weights`` [T, k] are the selected scores ``picked`` [T, k] renormalised (True) or
+    as is (False); None when neither fits. When both fit (the top-k mass is ~1, e.g. k = E),
+    the router's ``norm_topk_prob`` decides, default True (Mixtral and Qwen3-VL always renormalise)."""
+    fits = [n for n in (True, False) if _close(weights, _top_k_weights(picked, n))]
+    if len(fits) == 2:
+        return bool(getattr(router, "norm_topk_prob", True))
+    return fits[0] if fits else None
+
+
+def _has_selection_bias(router: torch.nn.Module) -> bool:
+    names = [n for n, _ in router.named_buffers()] + [n for n, _ in router.named_parameters()]
+    return any(n.rsplit(".", 1)[-1] == _SELECTION_BIAS for n in names)
+
+
+def _probe(router: torch.nn.Module, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Run ``router.forward`` on a seeded input h [T, H]; returns float32 logits [T, E] (checked to
+    be h Wᵀ), float32 weights [T, k] and int64 indices [T, k], or None when the router cannot be
+    run or its outputs are not ``(logits, weights, indices)``."""
+    weight = router.weight
+    if weight.is_meta:
+        return None
+    h = _probe_input(weight)
+    try:
+        with torch.no_grad():
+            out = router.forward(h.to(device=weight.device, dtype=weight.dtype))
+    except (TypeError, ValueError, RuntimeError, IndexError, NotImplementedError):
+        return None
+    if not _routing_outputs(out, weight.shape[0], top_k):
+        return None
+    logits, weights, index = (t.detach().cpu() for t in out)
+    expected = F.linear(h.to(weight.dtype).float(), weight.detach().cpu().float())
+    if not _close(logits.float(), expected):
+        return None
+    return logits.float(), weights.float(), index.long()
+
+
+def _probe_input(weight: torch.Tensor) -> torch.Tensor:
+    """Seeded float32 [T, H], scaled so that h Wᵀ has std _PROBE_LOGIT_STD (when W ≠ 0)."""
+    h = torch.randn(_PROBE_TOKENS, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    std = F.linear(h, weight.detach().cpu().float()).std().item()
+    return h * (_PROBE_LOGIT_STD / std) if std > 0 else h
+
+
+def _routing_outputs(out, num_experts: int, top_k: int) -> bool:
+    if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)):
+        return False
+    logits, weights, index = out
+    return (
+        tuple(logits.shape) == (_PROBE_TOKENS, num_experts)
+        and tuple(weights.shape) == tuple(index.shape) == (_PROBE_TOKENS, top_k)
+        and weights.is_floating_point()
+        and not index.is_floating_point()
+        and bool(((index >= 0) & (index < num_experts)).all())
+    )
+
+
+def _selects_top_k(scores: torch.Tensor, picked: torch.Tensor) -> bool:
+    """Every selected score is among the k largest of its row (ties allowed)."""
+    kth = scores.topk(picked.shape[1], dim=-1).values[:, -1:]
+    return bool((picked >= kth * (1 - _PROBE_RTOL) - _PROBE_ATOL).all())
+
+
+def _top_k_weights(picked: torch.Tensor, normalize: bool) -> torch.Tensor:
+    return picked / picked.sum(dim=-1, keepdim=True) if normalize else picked
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=_PROBE_RTOL, atol=_PROBE_ATOL)

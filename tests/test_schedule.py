@@ -1,0 +1,420 @@
+"""modes_fx.schedule.Schedule: construction, validation, model checks, thresholds and JSON."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from modes_fx.schedule import FORMAT_VERSION, Schedule
+
+# ----------------------------------------------------------------------------------------------
+# Tiny models (random weights, no downloads)
+
+_COMMON = dict(
+    hidden_size=32,
+    intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_mixtral(seed: int = 0, **config) -> torch.nn.Module:
+    cfg = tf.MixtralConfig(**{**_COMMON, "num_local_experts": 4, "num_experts_per_tok": 2, **config})
+    return _seeded(tf.MixtralForCausalLM, cfg, seed)
+
+
+def tiny_olmoe(seed: int = 0, **config) -> torch.nn.Module:
+    cfg = tf.OlmoeConfig(**{**_COMMON, "num_experts": 4, "num_experts_per_tok": 2, **config})
+    return _seeded(tf.OlmoeForCausalLM, cfg, seed)
+
+
+def tiny_qwen3_vl_moe(seed: int = 0) -> torch.nn.Module:
+    text = dict(
+        _COMMON, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, head_dim=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+    )
+    vision = dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=4,
+        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0],
+    )
+    cfg = tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=120, video_token_id=121)
+    return _seeded(tf.Qwen3VLMoeForConditionalGeneration, cfg, seed)
+
+
+def tiny_llama() -> torch.nn.Module:
+    return _seeded(tf.LlamaForCausalLM, tf.LlamaConfig(**_COMMON), 0)
+
+
+def _seeded(cls, cfg, seed: int) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return tiny_mixtral()
+
+
+@pytest.fixture(scope="module")
+def vl_model():
+    return tiny_qwen3_vl_moe()
+
+
+def make(**overrides) -> Schedule:
+    """A valid 2-site, 2-column schedule, fields overridden."""
+    fields = dict(
+        modalities=["text", "vision"],
+        site_paths=["model.layers.0.mlp", "model.layers.1.mlp"],
+        alpha=[[0.25, 0.5], [0.75, 0.5]],
+        tau=[0.1, 0.2],
+        top_k=2,
+        num_experts=4,
+        model_class="MixtralForCausalLM",
+    )
+    return Schedule(**{**fields, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule.constant
+
+
+def test_constant_default_columns_follow_the_config(vl_model, mixtral):
+    assert Schedule.constant(vl_model, {}).modalities == ["text", "image", "video"]
+    assert Schedule.constant(vl_model, {"vision": 0.2}).modalities == ["text", "vision"]
+    assert Schedule.constant(mixtral, {}).modalities == ["text"]
+
+
+def test_constant_vision_takes_the_place_of_image_and_video():
+    model = tiny_mixtral()
+    model.config.image_token_id, model.config.audio_token_id = 100, 101
+    assert Schedule.constant(model, {}).modalities == ["text", "image", "audio"]
+    assert Schedule.constant(model, {"vision": 0.1}).modalities == ["text", "vision", "audio"]
+
+
+def test_constant_fills_the_model_fields(vl_model):
+    s = Schedule.constant(vl_model, {"text": 0.1, "image": math.inf})
+    assert s.tau == [0.1, math.inf, 0.0]
+    assert s.alpha == [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
+    assert s.site_paths == ["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp"]
+    assert (s.top_k, s.num_experts, s.model_class) == (2, 8, "Qwen3VLMoeForConditionalGeneration")
+    assert set(s.fingerprint) == {"architecture", "weights"}
+    s.check_model(vl_model)
+
+
+def test_constant_alpha_as_list_or_by_column(vl_model):
+    by_list = Schedule.constant(vl_model, {"text": 0.1}, alpha=[[0.1, 0.2, 0.3], [0.9, 0.8, 0.7]])
+    assert by_list.alpha == [[0.1, 0.2, 0.3], [0.9, 0.8, 0.7]]
+    by_column = Schedule.constant(vl_model, {"text": 0.1}, alpha={"image": [0.2, 0.8]})
+    assert by_column.alpha == [[0.5, 0.2, 0.5], [0.5, 0.8, 0.5]]
+
+
+def test_constant_explicit_modalities(mixtral):
+    s = Schedule.constant(mixtral, {"vision": 0.3}, modalities=["text", "vision"])
+    assert (s.modalities, s.tau) == (["text", "vision"], [0.0, 0.3])
+
+
+def test_constant_rejects_an_unknown_column(vl_model, mixtral):
+    with pytest.raises(ValueError, match=r"unknown modality 'audio'; schedule modalities: text, image, video"):
+        Schedule.constant(vl_model, {"audio": 0.1})
+    with pytest.raises(ValueError, match=r"unknown modality 'image'; schedule modalities: text"):
+        Schedule.constant(mixtral, {"image": 0.1})
+    with pytest.raises(ValueError, match=r"alpha names unknown modality 'vision'"):
+        Schedule.constant(mixtral, {}, alpha={"vision": [0.5, 0.5]})
+
+
+def test_constant_rejects_alpha_of_the_wrong_length(mixtral):
+    with pytest.raises(ValueError, match=r"alpha\['text'\] has 3 values, the model has 2 MoE sites"):
+        Schedule.constant(mixtral, {}, alpha={"text": [0.2, 0.3, 0.5]})
+    with pytest.raises(ValueError, match=r"alpha has 1 rows, site_paths has 2 MoE sites"):
+        Schedule.constant(mixtral, {}, alpha=[[1.0]])
+
+
+def test_constant_rejects_a_model_without_moe():
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM has no MoE sites"):
+        Schedule.constant(tiny_llama(), {"text": 0.1})
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"alpha": [[0.25, math.nan], [0.75, 0.5]]}, r"alpha\[0\]\[1\] is NaN"),
+        ({"alpha": [[0.25, 0.5], [-0.5, 0.5]]}, r"alpha\[1\]\[0\] = -0.5 is negative"),
+        ({"alpha": [[0.25, 0.5], [math.inf, 0.5]]}, r"alpha\[1\]\[0\] = inf is not finite"),
+        ({"alpha": [[0.25, "0.5"], [0.75, 0.5]]}, r"alpha\[0\]\[1\] must be a number, got '0.5'"),
+        ({"alpha": [[0.25, 0.5]]}, r"alpha has 1 rows, site_paths has 2 MoE sites"),
+        ({"alpha": [[0.25, 0.5], [0.75]]}, r"alpha\[1\] has 1 values, modalities has 2 columns"),
+        ({"tau": [0.1, math.nan]}, r"tau\[1\] \(vision\) is NaN"),
+        ({"tau": [-0.1, 0.2]}, r"tau\[0\] \(text\) = -0.1 is negative"),
+        ({"tau": [-math.inf, 0.2]}, r"tau\[0\] \(text\) = -inf is negative"),
+        ({"tau": [0.1]}, r"tau has 1 values, modalities has 2 columns"),
+        ({"modalities": ["text", "pictures"]}, r"modalities: unknown modality 'pictures'; known modalities: text, image"),
+        ({"modalities": ["text", "text"]}, r"modalities: modality listed twice"),
+        ({"modalities": ["image", "vision"]}, r"modalities: modality 'image' is covered twice"),
+        ({"modalities": "text"}, r"modalities must be a list, got 'text'"),
+        ({"site_paths": [], "alpha": []}, r"site_paths must be a non-empty list"),
+        ({"top_k": 0}, r"top_k must be a positive integer, got 0"),
+        ({"num_experts": 2.0}, r"num_experts must be a positive integer, got 2.0"),
+        ({"top_k": 5}, r"top_k 5 exceeds num_experts 4"),
+        ({"model_class": ""}, r"model_class must be a class name"),
+        ({"target_skip": 1.5}, r"target_skip must be None or a ratio in \[0, 1\], got 1.5"),
+        ({"measured_skip": math.nan}, r"measured_skip must be None or a ratio"),
+        ({"calibration": {"kl": math.inf}}, r"calibration must be a JSON-serialisable dict without NaN/inf"),
+        ({"calibration": {"data": torch.zeros(1)}}, r"calibration must be a JSON-serialisable dict"),
+        ({"fingerprint": {"weights": 3}}, r"fingerprint must map names to hex digests"),
+        ({"format_version": 2}, r"format_version 2 is not supported \(expected 1\)"),
+    ],
+)
+def test_invalid_schedules_are_rejected_naming_the_problem(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make(**overrides)
+
+
+def test_validate_catches_later_mutation():
+    s = make()
+    s.validate()
+    s.tau[1] = math.nan
+    with pytest.raises(ValueError, match=r"tau\[1\] \(vision\) is NaN"):
+        s.validate()
+
+
+def test_constructor_normalises_numbers():
+    s = make(alpha=torch.tensor([[0.25, -0.0], [0.75, 1.0]], dtype=torch.float64), tau=(0.1, 1))
+    assert s.alpha == [[0.25, 0.0], [0.75, 1.0]]
+    assert math.copysign(1.0, s.alpha[0][1]) == 1.0  # -0.0 stored as 0.0
+    assert s.tau == [0.1, 1.0] and all(type(t) is float for t in s.tau)
+    assert s.thresholds()[0, 2] == math.inf  # α = -0.0, τ > 0: always skip, not -inf
+
+
+# ----------------------------------------------------------------------------------------------
+# check_model
+
+
+def test_check_model_accepts_its_own_model_silently(mixtral):
+    s = Schedule.constant(mixtral, {"text": 0.1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.check_model(mixtral)
+
+
+def test_check_model_rejects_another_model_class(mixtral):
+    s = Schedule.constant(mixtral, {"text": 0.1})
+    with pytest.raises(ValueError, match=r"schedule was made for MixtralForCausalLM, model is OlmoeForCausalLM"):
+        s.check_model(tiny_olmoe())
+
+
+def test_check_model_rejects_another_site_count():
+    s = Schedule.constant(tiny_mixtral(num_hidden_layers=4), {"text": 0.1})
+    with pytest.raises(ValueError, match=r"schedule has 4 MoE sites, model has 2"):
+        s.check_model(tiny_mixtral())
+
+
+def test_check_model_rejects_other_site_paths(mixtral):
+    s = Schedule.constant(mixtral, {"text": 0.1})
+    s.site_paths[1] = "model.layers.7.mlp"
+    with pytest.raises(ValueError, match=r"MoE site 1: schedule has path 'model.layers.7.mlp', model has 'model.layers.1.mlp'"):
+        s.check_model(mixtral)
+
+
+def test_check_model_rejects_another_top_k(mixtral):
+    s = Schedule.constant(mixtral, {"text": 0.1})
+    with pytest.raises(ValueError, match=r"MoE site 0 \(model.layers.0.mlp\): model has top_k=1, schedule has top_k=2"):
+        s.check_model(tiny_mixtral(num_experts_per_tok=1))
+
+
+def test_check_model_rejects_another_expert_count(mixtral):
+    s = Schedule.constant(mixtral, {"text": 0.1})
+    with pytest.raises(ValueError, match=r"model has num_experts=8, schedule has num_experts=4"):
+        s.check_model(tiny_mixtral(num_local_experts=8))
+
+
+def test_check_model_rejects_another_architecture(mixtral):
+    s = Schedule.constant(mixtral, {"text": 0.1})
+    with pytest.raises(ValueError, match=r"architecture fingerprint differs"):
+        s.check_model(tiny_mixtral(intermediate_size=8))
+
+
+def test_check_model_warns_on_other_weights(mixtral):
+    s = Schedule.constant(mixtral, {"text": 0.1})
+    with pytest.warns(UserWarning, match=r"schedule was calibrated on other weights"):
+        s.check_model(tiny_mixtral(seed=1))
+
+
+def test_check_model_without_fingerprint_skips_the_fingerprint_checks(mixtral):
+    s = Schedule.constant(mixtral, {"text": 0.1})
+    s.fingerprint = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.check_model(tiny_mixtral(seed=1))
+
+
+def test_check_model_rejects_a_model_without_moe(mixtral):
+    s = Schedule.constant(mixtral, {"text": 0.1})
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM has no MoE sites"):
+        s.check_model(tiny_llama())
+
+
+# ----------------------------------------------------------------------------------------------
+# thresholds
+
+
+def test_thresholds_layout_and_edge_cases():
+    s = make(
+        modalities=["text", "image", "video"],
+        alpha=[[0.5, 0.0, 0.0], [0.25, 0.2, 0.5]],
+        tau=[0.1, 0.3, 0.0],
+    )
+    thr = s.thresholds()
+    assert thr.dtype == torch.float32 and thr.shape == (2, 4)
+    assert torch.equal(thr[:, 0], torch.full((2,), -math.inf))  # padding: never skipped
+    assert thr[0, 1] == pytest.approx(0.2) and thr[1, 1] == pytest.approx(0.4)  # τ / α
+    assert thr[0, 2] == math.inf  # α = 0, τ > 0: always skip
+    assert thr[1, 2] == pytest.approx(1.5)
+    assert thr[0, 3] == 0.0 and thr[1, 3] == 0.0  # τ = 0: never skip, even with α = 0
+
+
+def test_thresholds_infinite_tau_skips_everything():
+    thr = make(tau=[math.inf, 0.2], alpha=[[0.25, 0.0], [0.0, 0.5]]).thresholds()
+    assert thr[0, 1] == math.inf and thr[1, 1] == math.inf
+    assert not torch.isnan(thr).any()
+
+
+_unit = st.floats(0.0, 1.0, allow_nan=False, width=32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(alpha=_unit, tau=st.one_of(st.floats(0.0, 2.0), st.just(math.inf)), pi=_unit)
+def test_threshold_comparison_equals_the_scaled_score_rule(alpha, tau, pi):
+    """s = α·π < τ ⟺ π < thresholds[l, c + 1], away from float32 rounding at the boundary."""
+    thr = make(modalities=["text"], site_paths=["a"], alpha=[[alpha]], tau=[tau]).thresholds()[0, 1]
+    score = alpha * pi
+    assume(not math.isclose(score, tau, rel_tol=1e-5, abs_tol=1e-30))
+    skipped = bool(torch.tensor(pi, dtype=torch.float32) < thr)
+    assert skipped == (score < tau)
+
+
+@settings(max_examples=100, deadline=None)
+@given(alpha=_unit, pi=_unit)
+def test_zero_tau_never_skips(alpha, pi):
+    thr = make(modalities=["text"], site_paths=["a"], alpha=[[alpha]], tau=[0.0]).thresholds()[0, 1]
+    assert not bool(torch.tensor(pi, dtype=torch.float32) < thr)
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON
+
+
+def test_save_writes_strict_readable_json(tmp_path):
+    s = make(tau=[0.1, math.inf], target_skip=0.5, calibration={"samples": 8})
+    path = tmp_path / "s.json"
+    s.save(path)
+    text = path.read_text()
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert doc["format_version"] == FORMAT_VERSION
+    assert doc["tau"] == [0.1, "inf"]
+    assert '    [0.25, 0.5],\n    [0.75, 0.5]\n' in text  # one α row per line
+    assert Schedule.load(path) == s
+
+
+_columns = st.sampled_from([["text"], ["text", "vision"], ["text", "image", "video"], ["vision", "text", "audio"]])
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=5))
+
+
+@st.composite
+def schedules(draw) -> Schedule:
+    columns = draw(_columns)
+    L = draw(st.integers(1, 5))
+    finite = st.floats(0.0, 1e6, allow_nan=False, allow_infinity=False)
+    num_experts = draw(st.integers(1, 64))
+    return Schedule(
+        modalities=columns,
+        site_paths=[f"model.layers.{i}.mlp" for i in range(L)],
+        alpha=draw(st.lists(st.lists(finite, min_size=len(columns), max_size=len(columns)), min_size=L, max_size=L)),
+        tau=draw(st.lists(st.one_of(finite, st.just(math.inf)), min_size=len(columns), max_size=len(columns))),
+        top_k=draw(st.integers(1, num_experts)),
+        num_experts=num_experts,
+        model_class=draw(st.sampled_from(["MixtralForCausalLM", "Qwen3VLMoeForConditionalGeneration"])),
+        fingerprint=draw(st.dictionaries(st.sampled_from(["architecture", "weights"]), st.text("0123456789abcdef", max_size=8))),
+        target_skip=draw(st.one_of(st.none(), st.floats(0.0, 1.0))),
+        measured_skip=draw(st.one_of(st.none(), st.floats(0.0, 1.0))),
+        calibration=draw(st.dictionaries(st.text(max_size=5), st.one_of(_json_leaf, st.lists(_json_leaf, max_size=3)), max_size=3)),
+    )
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schedule=schedules())
+def test_random_schedules_round_trip_exactly(schedule, tmp_path):
+    path = tmp_path / "s.json"
+    schedule.save(path)
+    loaded = Schedule.load(path)
+    assert loaded == schedule
+    assert [[a.hex() for a in row] for row in loaded.alpha] == [[a.hex() for a in row] for row in schedule.alpha]
+    assert torch.equal(loaded.thresholds(), schedule.thresholds())
+
+
+def _write(tmp_path, doc) -> str:
+    path = tmp_path / "bad.json"
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.pop("format_version"), r"bad.json: invalid schedule: missing format_version"),
+        (lambda d: d.update(format_version=2), r"bad.json: invalid schedule: format_version 2 is not supported \(expected 1\)"),
+        (lambda d: d.update(format_version="1"), r"format_version '1' is not supported"),
+        (lambda d: d.update(format_version=2, new_field=1), r"format_version 2 is not supported"),
+        (lambda d: d.update(colour="blue"), r"unknown field\(s\) colour"),
+        (lambda d: d.pop("alpha"), r"missing field\(s\) alpha"),
+        (lambda d: d.update(tau=[0.1, "infinity"]), r"tau\[1\] \(vision\) must be a number, got 'infinity'"),
+        (lambda d: d.update(alpha=[[0.25, 0.5], [0.75]]), r"alpha\[1\] has 1 values"),
+    ],
+)
+def test_load_rejects_bad_documents(tmp_path, edit, message):
+    doc = make().to_dict()
+    edit(doc)
+    with pytest.raises(ValueError, match=message):
+        Schedule.load(_write(tmp_path, doc))
+
+
+def test_load_rejects_invalid_json_and_non_objects(tmp_path):
+    with pytest.raises(ValueError, match=r"bad.json: not valid JSON"):
+        Schedule.load(_write(tmp_path, '{"format_version": 1,'))
+    with pytest.raises(ValueError, match=r"bad.json: invalid schedule: a schedule is a JSON object, got list"):
+        Schedule.load(_write(tmp_path, "[1, 2]"))
+    with pytest.raises(ValueError, match=r"alpha\[0\]\[0\] is NaN"):
+        Schedule.load(_write(tmp_path, json.dumps(make().to_dict()).replace("0.25", "NaN")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Display
+
+
+def test_table_shows_tau_alpha_and_sites():
+    s = make(tau=[0.125, math.inf], target_skip=0.875)
+    text = s.table()
+    assert str(s) == text
+    lines = text.splitlines()
+    assert "MixtralForCausalLM: 2 MoE sites, top-2 of 4 experts" in lines[0]
+    assert "target 87.50%" in lines[1] and "measured -" in lines[1]
+    assert lines[2].split() == ["text", "vision"]
+    assert lines[3].split() == ["tau", "0.125", "inf"]
+    assert lines[-2].split() == ["0", "0.25", "0.5", "model.layers.0.mlp"]
+    assert lines[-1].split() == ["1", "0.75", "0.5", "model.layers.1.mlp"]

@@ -1,0 +1,496 @@
+"""Tiny real transformers MoE models for tests, and an independent reference for skipping.
+
+Everything here uses transformers and torch only (never ``modes_fx``), so tests can compare
+``modes_fx`` against it.
+
+- ``build(name)``: an eval-mode, randomly initialised (seeded) tiny model of one of
+  ``MODEL_NAMES``, with the requested experts implementation ("grouped_mm", "batched_mm",
+  "eager") set through transformers' own mechanism (``_from_config(..., experts_implementation=)``).
+  Router weights are re-initialised with a seeded normal of std ``ROUTER_STD_SCALE / sqrt(H)``
+  (router logits with std about 2), so top-k weights differ clearly across tokens.
+- ``text_inputs`` / ``image_inputs``: hand-built inputs (no tokenizer or processor needed).
+- ``remove_routed_experts(model, token_mask_fn)``: context manager zeroing the routed experts'
+  output rows of the selected tokens in every MoE layer (shared experts still run).
+- ``modality_mask(model, kind)``: the token-mask function for a modality.
+- ``greedy_generate``: deterministic, quick greedy decoding.
+
+Token id layout of every tiny model (vocab 128): 0 pad, 1 bos, 2 eos, ordinary text ids
+``[TEXT_ID_LOW, TEXT_ID_HIGH)``; Qwen3-VL-MoE also has image 120, video 121, vision_start 122,
+vision_end 123.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+MODEL_NAMES = ("qwen3_vl_moe", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe")
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+
+VOCAB = 128
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 120, 121, 122, 123
+TEXT_ID_LOW, TEXT_ID_HIGH = 3, 120  # ordinary text ids: [3, 120)
+
+HIDDEN = 64
+NUM_LAYERS = 2
+NUM_EXPERTS = 8
+TOP_K = 2
+INIT_STD = 0.1  # larger than transformers' 0.02 so attention and experts visibly matter
+ROUTER_STD_SCALE = 2.0  # router weight std = ROUTER_STD_SCALE / sqrt(hidden): logits std ~2
+
+# Qwen3-VL-MoE vision tower: patch 4, temporal patch 2, merge 2; an image of (1, 4, 6) patches
+# becomes 4 * 6 / 2**2 = 6 placeholder tokens.
+PATCH_SIZE, TEMPORAL_PATCH_SIZE, SPATIAL_MERGE_SIZE, IN_CHANNELS = 4, 2, 2, 3
+IMAGE_GRID_THW = (1, 4, 6)
+
+_COMMON_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    num_hidden_layers=NUM_LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    initializer_range=INIT_STD,
+    pad_token_id=PAD_ID,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    tie_word_embeddings=False,
+    use_cache=True,
+)
+
+
+def _config(name: str):
+    import transformers as tf
+
+    if name == "qwen3_vl_moe":
+        text = dict(
+            _COMMON_TEXT,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_experts=NUM_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            decoder_sparse_step=1,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 2, 2],  # sums to head_dim / 2
+                "mrope_interleaved": True,
+            },
+        )
+        vision = dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            in_channels=IN_CHANNELS,
+            patch_size=PATCH_SIZE,
+            temporal_patch_size=TEMPORAL_PATCH_SIZE,
+            spatial_merge_size=SPATIAL_MERGE_SIZE,
+            out_hidden_size=HIDDEN,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+            initializer_range=INIT_STD,
+        )
+        return tf.Qwen3VLMoeConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            vision_start_token_id=VISION_START_ID,
+            vision_end_token_id=VISION_END_ID,
+            tie_word_embeddings=False,
+            pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+        )
+    if name == "qwen3_moe":
+        return tf.Qwen3MoeConfig(
+            **_COMMON_TEXT,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_experts=NUM_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+        )
+    if name == "mixtral":
+        return tf.MixtralConfig(
+            **_COMMON_TEXT,
+            intermediate_size=32,
+            num_local_experts=NUM_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            router_jitter_noise=0.0,
+        )
+    if name == "olmoe":
+        return tf.OlmoeConfig(
+            **_COMMON_TEXT,
+            intermediate_size=32,
+            num_experts=NUM_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            norm_topk_prob=False,
+        )
+    if name == "qwen2_moe":
+        return tf.Qwen2MoeConfig(
+            **_COMMON_TEXT,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=NUM_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+        )
+    raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(MODEL_NAMES)}")
+
+
+def _model_class(name: str):
+    import transformers as tf
+
+    return {
+        "qwen3_vl_moe": tf.Qwen3VLMoeForConditionalGeneration,
+        "qwen3_moe": tf.Qwen3MoeForCausalLM,
+        "mixtral": tf.MixtralForCausalLM,
+        "olmoe": tf.OlmoeForCausalLM,
+        "qwen2_moe": tf.Qwen2MoeForCausalLM,
+    }[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Structure helpers (independent of modes_fx.sites)
+
+
+def experts_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(qualified name, module) of every experts module: a module holding 3D gate_up_proj and
+    down_proj parameters, in module order (= layer order)."""
+    found = []
+    for qname, mod in model.named_modules():
+        gu = getattr(mod, "gate_up_proj", None)
+        dp = getattr(mod, "down_proj", None)
+        if isinstance(gu, torch.nn.Parameter) and isinstance(dp, torch.nn.Parameter) and gu.dim() == 3 and dp.dim() == 3:
+            found.append((qname, mod))
+    return found
+
+
+def router_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(qualified name, module) of the router (``gate``) sitting next to each experts module."""
+    routers = []
+    for qname, _ in experts_modules(model):
+        parent_name = qname.rsplit(".", 1)[0]
+        gate = model.get_submodule(parent_name).gate
+        routers.append((f"{parent_name}.gate", gate))
+    return routers
+
+
+def current_experts_implementation(model: torch.nn.Module) -> str:
+    """The experts implementation every experts module will dispatch to (read from the config
+    object each experts module holds, which is what transformers' decorator reads at call time).
+    Raises if the modules disagree."""
+    impls = {mod.config._experts_implementation for _, mod in experts_modules(model)}
+    if len(impls) != 1:
+        raise AssertionError(f"experts modules disagree on the implementation: {sorted(map(str, impls))}")
+    return impls.pop()
+
+
+def text_config(model: torch.nn.Module):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Factory
+
+
+def build(
+    name: str,
+    experts_implementation: str = "grouped_mm",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **text_overrides,
+) -> torch.nn.Module:
+    """An eval-mode tiny ``name`` model (see MODEL_NAMES), weights seeded by ``seed``.
+
+    ``text_overrides`` are set on the (text) config, e.g. ``num_hidden_layers=1``. The global
+    torch RNG is left untouched."""
+    if experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(f"experts_implementation must be one of {EXPERTS_IMPLEMENTATIONS}")
+    config = _config(name)
+    tcfg = config.get_text_config()
+    for key, value in text_overrides.items():
+        if not hasattr(tcfg, key):
+            raise ValueError(f"{type(tcfg).__name__} has no attribute {key!r}")
+        setattr(tcfg, key, value)
+    cls = _model_class(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls._from_config(config, dtype=dtype, experts_implementation=experts_implementation)
+    model.eval()
+
+    # transformers zero-initialises several routers (torch.zeros in __init__) and its
+    # _init_weights gives std 0.02: near-uniform softmax. Give every router a seeded normal of
+    # std ROUTER_STD_SCALE / sqrt(H) so logits have std ~ROUTER_STD_SCALE (inputs are RMS-normed).
+    gen = torch.Generator().manual_seed(10_007 * (seed + 1))
+    with torch.no_grad():
+        for _, router in router_modules(model):
+            w = router.weight
+            std = ROUTER_STD_SCALE / math.sqrt(w.shape[-1])
+            w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float32) * std)
+    # No parameter that matters may stay all-zero (biases and norms excepted).
+    for pname, p in model.named_parameters():
+        if p.dim() >= 2 and not torch.any(p != 0):
+            raise AssertionError(f"{name}: parameter {pname} is all zeros after init")
+
+    got = current_experts_implementation(model)
+    if got != experts_implementation:
+        raise AssertionError(f"{name}: asked for experts_implementation={experts_implementation!r}, got {got!r}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _left_pad_lengths(batch: int, seq: int, pad: bool) -> list[int]:
+    """Row 0 gets max(1, seq // 3) left padding tokens when ``pad``; other rows none."""
+    lengths = [0] * batch
+    if pad:
+        lengths[0] = max(1, seq // 3)
+        if lengths[0] >= seq:
+            raise ValueError("seq too short for padding")
+    return lengths
+
+
+def text_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 7, pad: bool = True, seed: int = 0) -> dict:
+    """input_ids (ordinary text ids only) and attention_mask, int64[batch, seq].
+
+    With ``pad``, row 0 is left-padded with the pad token (attention_mask 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(TEXT_ID_LOW, TEXT_ID_HIGH, (batch, seq), generator=gen)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    pad_id = _pad_id(model)
+    for row, n in enumerate(_left_pad_lengths(batch, seq, pad)):
+        input_ids[row, :n] = pad_id
+        attention_mask[row, :n] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _pad_id(model) -> int:
+    pad = getattr(text_config(model), "pad_token_id", None)
+    if pad is None:
+        pad = getattr(model.config, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def image_token_count(model, grid_thw=IMAGE_GRID_THW) -> int:
+    merge = model.config.vision_config.spatial_merge_size
+    t, h, w = grid_thw
+    return t * h * w // merge**2
+
+
+def image_inputs(
+    model: torch.nn.Module,
+    batch: int = 1,
+    seed: int = 0,
+    pad: bool = False,
+    grid_thw: tuple[int, int, int] = IMAGE_GRID_THW,
+    text_before: int = 3,
+    text_after: int = 4,
+) -> dict:
+    """Inputs with one image per row, for qwen3_vl_moe, built the way its processor would.
+
+    Row layout: [pad…] text×text_before, vision_start, image×n, vision_end, text×text_after, with
+    n = prod(grid_thw) / spatial_merge_size**2. With ``pad``, row 0 has one more text token
+    before the image than the other rows, which are left-padded by one token to the same length.
+    Returns input_ids, attention_mask, pixel_values [batch·t·h·w, C·tps·ps·ps], image_grid_thw
+    int64[batch, 3] and mm_token_type_ids (1 on image tokens, 0 elsewhere: what the processor's
+    ``create_mm_token_type_ids`` returns and what the model's M-RoPE needs)."""
+    cfg = model.config
+    if getattr(cfg, "image_token_id", None) is None or getattr(cfg, "vision_config", None) is None:
+        raise ValueError(f"{type(model).__name__} takes no images")
+    vcfg = cfg.vision_config
+    t, h, w = grid_thw
+    merge = vcfg.spatial_merge_size
+    if h % merge or w % merge:
+        raise ValueError(f"grid {grid_thw} not divisible by spatial_merge_size {merge}")
+    n_img = t * h * w // merge**2
+    gen = torch.Generator().manual_seed(seed)
+    pad_id = _pad_id(model)
+
+    rows = []
+    for row in range(batch):
+        before = text_before + (1 if (pad and row == 0) else 0)
+        ids = (
+            torch.randint(TEXT_ID_LOW, TEXT_ID_HIGH, (before,), generator=gen).tolist()
+            + [cfg.vision_start_token_id]
+            + [cfg.image_token_id] * n_img
+            + [cfg.vision_end_token_id]
+            + torch.randint(TEXT_ID_LOW, TEXT_ID_HIGH, (text_after,), generator=gen).tolist()
+        )
+        rows.append(ids)
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(batch, length, dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, length - len(ids):] = torch.tensor(ids)
+        attention_mask[row, length - len(ids):] = 1
+    mm_token_type_ids = torch.zeros_like(input_ids)
+    mm_token_type_ids[input_ids == cfg.image_token_id] = 1
+    mm_token_type_ids[input_ids == cfg.video_token_id] = 2
+
+    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
+    pixel_values = torch.randn(batch * t * h * w, patch_dim, generator=gen)
+    image_grid_thw = torch.tensor([list(grid_thw)] * batch, dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": pixel_values,
+        "image_grid_thw": image_grid_thw,
+        "mm_token_type_ids": mm_token_type_ids,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: routed experts removed for selected tokens
+
+TokenMaskFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def modality_mask(model: torch.nn.Module, kind: str) -> TokenMaskFn:
+    """Token-mask function ``(input_ids [B, S], attention_mask [B, S_total] | None) -> bool[B, S]``.
+
+    kind "text": attended tokens that are not image/video placeholders (vision_start/end count
+    as text); "image" / "video": the placeholder tokens of that kind; "all": every attended
+    token. Padding (attention_mask 0) is never selected. For a decode step, only the last S
+    columns of attention_mask are used."""
+    cfg = model.config
+    image_id = getattr(cfg, "image_token_id", None)
+    video_id = getattr(cfg, "video_token_id", None)
+    if kind not in ("text", "image", "video", "all"):
+        raise ValueError(f"unknown kind {kind!r}")
+
+    def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        is_image = input_ids == image_id if image_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        is_video = input_ids == video_id if video_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        if kind == "text":
+            sel = ~(is_image | is_video)
+        elif kind == "image":
+            sel = is_image
+        elif kind == "video":
+            sel = is_video
+        else:
+            sel = torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask is not None:
+            sel = sel & attention_mask[:, -input_ids.shape[1]:].to(torch.bool)
+        return sel
+
+    return fn
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether calls of ``model`` go through torch.compile (wrapper, ``model.compile()`` or a
+    compiled ``forward``)."""
+    import torch._dynamo
+
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return True
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        return True
+    return hasattr(model.__dict__.get("forward"), "_torchdynamo_orig_callable")
+
+
+def no_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Token-mask function selecting nothing."""
+    return torch.zeros_like(input_ids, dtype=torch.bool)
+
+
+@contextlib.contextmanager
+def remove_routed_experts(
+    model: torch.nn.Module,
+    token_mask_fn: TokenMaskFn,
+    layers: list[int] | None = None,
+) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every call of ``model`` gets no routed-expert contribution for the
+    tokens ``token_mask_fn(input_ids, attention_mask)`` selects (shared experts still run).
+
+    A forward pre-hook on ``model`` computes the mask from the call's ``input_ids`` and
+    ``attention_mask`` and flattens it to [B * S] (the row order of the [B*S, H] hidden states
+    the MoE blocks hand to their experts module); a forward hook on every experts module (or
+    only the MoE layers at the positions in ``layers``, counted in layer order) zeroes those
+    output rows. Yields the list of masks used, one per call, for inspection.
+
+    Eager models only (a compiled model raises TypeError); do not compile the model inside the
+    block either, or the hooks get baked into the compiled graph."""
+    if is_compiled(model):
+        raise TypeError(
+            "remove_routed_experts needs an uncompiled model: Dynamo does not guard on module hooks "
+            "(torch._dynamo.config.skip_nnmodule_hook_guards), so hooks added to a compiled model are "
+            "silently ignored"
+        )
+    masks: list[torch.Tensor] = []
+    state: dict = {"mask": None}
+    experts = experts_modules(model)
+    if not experts:
+        raise ValueError(f"{type(model).__name__} has no experts modules")
+    if layers is not None:
+        experts = [experts[i] for i in layers]
+
+    def pre_hook(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("remove_routed_experts needs input_ids in the call")
+        attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask = token_mask_fn(input_ids, attention_mask)
+        if mask.shape != input_ids.shape or mask.dtype != torch.bool:
+            raise ValueError(f"token mask must be bool{tuple(input_ids.shape)}, got {mask.dtype}{tuple(mask.shape)}")
+        state["mask"] = mask.reshape(-1)
+        masks.append(mask)
+
+    def post_hook(module, args, kwargs, output):
+        mask = state["mask"]
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if mask is None:
+            raise RuntimeError("experts module ran outside a call of the model remove_routed_experts wraps")
+        if output.shape[0] != mask.shape[0] or hidden is None or hidden.shape[0] != mask.shape[0]:
+            raise RuntimeError(f"experts output has {output.shape[0]} rows, token mask has {mask.shape[0]}")
+        return output.masked_fill(mask.to(output.device)[:, None], 0)
+
+    def clear_hook(module, args, kwargs, output):
+        state["mask"] = None
+
+    handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    handles.append(model.register_forward_hook(clear_hook, with_kwargs=True, always_call=True))
+    try:
+        for _, mod in experts:
+            handles.append(mod.register_forward_hook(post_hook, with_kwargs=True))
+        yield masks
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def greedy_generate(model: torch.nn.Module, inputs: dict, max_new_tokens: int = 5) -> torch.LongTensor:
+    """Greedy decoding of exactly ``max_new_tokens`` new tokens, all ordinary text ids (EOS, pad,
+    image/video and vision start/end ids are suppressed); returns the full sequences
+    int64[B, S + max_new_tokens]."""
+    with torch.no_grad():
+        return model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            use_cache=True,
+            pad_token_id=_pad_id(model),
+            # only ordinary text ids: a random model would otherwise emit pad or image ids
+            suppress_tokens=[i for i in range(text_config(model).vocab_size) if not TEXT_ID_LOW <= i < TEXT_ID_HIGH],
+        )
