@@ -48,7 +48,13 @@ class Report:
         if not self.graphs:
             return "modes backend: no graph compiled yet"
         lines = [f"modes backend: {len(self.graphs)} graph(s), {len(self.rewrites)} site rewrite(s), {len(self.unsupported)} left untouched"]
+        quiet = 0
         for g in self.graphs:
-            lines += g.lines()
+            if g.rewrites or g.unsupported:
+                lines += g.lines()
+            else:
+                quiet += 1
+        if quiet:
+            lines.append(f"({quiet} graph(s) without MoE routing, compiled unchanged)")
         lines.append("thresholds are looked up per call from the router weight, so a graph reused for several layers applies each layer's own α")
         return "\n".join(lines)

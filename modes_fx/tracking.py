@@ -62,13 +62,13 @@ class SkipTracker:
 
     @property
     def by_modality(self) -> dict[str, float]:
-        """Skip ratio per modality name."""
-        return {m: c.skip_ratio for m, c in self._sum(1).items()}
+        """Skip ratio per modality name (modalities that had tokens)."""
+        return {m: c.skip_ratio for m, c in self._sum(1).items() if c.total}
 
     @property
     def by_layer(self) -> dict[str, float]:
-        """Skip ratio per MoE site path."""
-        return {p: c.skip_ratio for p, c in self._sum(0).items()}
+        """Skip ratio per MoE site path (sites that saw tokens)."""
+        return {p: c.skip_ratio for p, c in self._sum(0).items() if c.total}
 
     def __str__(self) -> str:
         lines = [f"skip ratio {self.skip_ratio:.4f} ({self.skipped} of {self.kept + self.skipped} pairs)"]

@@ -1,6 +1,6 @@
 """Shared pytest setup.
 
-``tests/`` is put on sys.path so test modules can ``import tiny_models`` and ``graph_capture``."""
+``tests/`` is put on sys.path so test modules can ``import graph_capture``."""
 from __future__ import annotations
 
 import os

@@ -11,7 +11,7 @@ import torch
 import modes_fx
 from modes_fx import runtime
 
-from tiny_models import build, image_inputs, text_inputs
+from modes_fx.testing import build, image_inputs, text_inputs
 
 TESTS_DIR = os.path.dirname(__file__)
 

@@ -9,7 +9,7 @@ from modes_fx.passes.rewrite_masked_dispatch import RewriteMaskedDispatch
 from modes_fx.sites import find_moe_sites
 
 from graph_capture import capture, count_targets, signature
-from tiny_models import build, text_inputs
+from modes_fx.testing import build, text_inputs
 
 MASKED = "modes.masked_experts.default"
 ROUTE = "modes.route_mask.default"

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import tiny_models as tm
-from tiny_models import MODEL_NAMES, EXPERTS_IMPLEMENTATIONS
+import modes_fx.testing as tm
+from modes_fx.testing import MODEL_NAMES, EXPERTS_IMPLEMENTATIONS
 
 CLASS_NAMES = {
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",

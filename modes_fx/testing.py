@@ -1,7 +1,8 @@
-"""Tiny real transformers MoE models for tests, and an independent reference for skipping.
+"""Tiny real transformers MoE models for tests and demos, and an independent reference for
+skipping (``modes_fx.testing``, in the spirit of ``torch.testing``).
 
-Everything here uses transformers and torch only (never ``modes_fx``), so tests can compare
-``modes_fx`` against it.
+Everything here uses transformers and torch only (no other ``modes_fx`` module), so tests can
+compare ``modes_fx`` against it.
 
 - ``build(name)``: an eval-mode, randomly initialised (seeded) tiny model of one of
   ``MODEL_NAMES``, with the requested experts implementation ("grouped_mm", "batched_mm",
