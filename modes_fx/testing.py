@@ -224,6 +224,9 @@ def build(
         if not hasattr(tcfg, key):
             raise ValueError(f"{type(tcfg).__name__} has no attribute {key!r}")
         setattr(tcfg, key, value)
+    layer_types = getattr(tcfg, "layer_types", None)
+    if layer_types is not None and "layer_types" not in text_overrides and len(layer_types) != tcfg.num_hidden_layers:
+        tcfg.layer_types = [layer_types[0]] * tcfg.num_hidden_layers  # tiny configs: one attention type
     cls = _model_class(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -7,70 +7,25 @@ import warnings
 
 import pytest
 import torch
-import transformers as tf
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from extra_models import extra_model
 from modes_fx.schedule import FORMAT_VERSION, Schedule
+from modes_fx.testing import build
 
 # ----------------------------------------------------------------------------------------------
-# Tiny models (random weights, no downloads)
-
-_COMMON = dict(
-    hidden_size=32,
-    intermediate_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-
-def tiny_mixtral(seed: int = 0, **config) -> torch.nn.Module:
-    cfg = tf.MixtralConfig(**{**_COMMON, "num_local_experts": 4, "num_experts_per_tok": 2, **config})
-    return _seeded(tf.MixtralForCausalLM, cfg, seed)
-
-
-def tiny_olmoe(seed: int = 0, **config) -> torch.nn.Module:
-    cfg = tf.OlmoeConfig(**{**_COMMON, "num_experts": 4, "num_experts_per_tok": 2, **config})
-    return _seeded(tf.OlmoeForCausalLM, cfg, seed)
-
-
-def tiny_qwen3_vl_moe(seed: int = 0) -> torch.nn.Module:
-    text = dict(
-        _COMMON, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, head_dim=8,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-    )
-    vision = dict(
-        depth=1, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=4,
-        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0],
-    )
-    cfg = tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=120, video_token_id=121)
-    return _seeded(tf.Qwen3VLMoeForConditionalGeneration, cfg, seed)
-
-
-def tiny_llama() -> torch.nn.Module:
-    return _seeded(tf.LlamaForCausalLM, tf.LlamaConfig(**_COMMON), 0)
-
-
-def _seeded(cls, cfg, seed: int) -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return cls(cfg).eval()
+# Tiny models (random weights, no downloads): modes_fx.testing, plus a dense Llama
 
 
 @pytest.fixture(scope="module")
 def mixtral():
-    return tiny_mixtral()
+    return build("mixtral")
 
 
 @pytest.fixture(scope="module")
 def vl_model():
-    return tiny_qwen3_vl_moe()
+    return build("qwen3_vl_moe")
 
 
 def make(**overrides) -> Schedule:
@@ -98,7 +53,7 @@ def test_constant_default_columns_follow_the_config(vl_model, mixtral):
 
 
 def test_constant_vision_takes_the_place_of_image_and_video():
-    model = tiny_mixtral()
+    model = build("mixtral")
     model.config.image_token_id, model.config.audio_token_id = 100, 101
     assert Schedule.constant(model, {}).modalities == ["text", "image", "audio"]
     assert Schedule.constant(model, {"vision": 0.1}).modalities == ["text", "vision", "audio"]
@@ -144,7 +99,7 @@ def test_constant_rejects_alpha_of_the_wrong_length(mixtral):
 
 def test_constant_rejects_a_model_without_moe():
     with pytest.raises(ValueError, match=r"LlamaForCausalLM has no MoE sites"):
-        Schedule.constant(tiny_llama(), {"text": 0.1})
+        Schedule.constant(extra_model("llama"), {"text": 0.1})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,13 +171,13 @@ def test_check_model_accepts_its_own_model_silently(mixtral):
 def test_check_model_rejects_another_model_class(mixtral):
     s = Schedule.constant(mixtral, {"text": 0.1})
     with pytest.raises(ValueError, match=r"schedule was made for MixtralForCausalLM, model is OlmoeForCausalLM"):
-        s.check_model(tiny_olmoe())
+        s.check_model(build("olmoe"))
 
 
 def test_check_model_rejects_another_site_count():
-    s = Schedule.constant(tiny_mixtral(num_hidden_layers=4), {"text": 0.1})
+    s = Schedule.constant(build("mixtral", num_hidden_layers=4), {"text": 0.1})
     with pytest.raises(ValueError, match=r"schedule has 4 MoE sites, model has 2"):
-        s.check_model(tiny_mixtral())
+        s.check_model(build("mixtral"))
 
 
 def test_check_model_rejects_other_site_paths(mixtral):
@@ -235,25 +190,25 @@ def test_check_model_rejects_other_site_paths(mixtral):
 def test_check_model_rejects_another_top_k(mixtral):
     s = Schedule.constant(mixtral, {"text": 0.1})
     with pytest.raises(ValueError, match=r"MoE site 0 \(model.layers.0.mlp\): model has top_k=1, schedule has top_k=2"):
-        s.check_model(tiny_mixtral(num_experts_per_tok=1))
+        s.check_model(build("mixtral", num_experts_per_tok=1))
 
 
 def test_check_model_rejects_another_expert_count(mixtral):
     s = Schedule.constant(mixtral, {"text": 0.1})
-    with pytest.raises(ValueError, match=r"model has num_experts=8, schedule has num_experts=4"):
-        s.check_model(tiny_mixtral(num_local_experts=8))
+    with pytest.raises(ValueError, match=r"model has num_experts=4, schedule has num_experts=8"):
+        s.check_model(build("mixtral", num_local_experts=4))
 
 
 def test_check_model_rejects_another_architecture(mixtral):
     s = Schedule.constant(mixtral, {"text": 0.1})
     with pytest.raises(ValueError, match=r"architecture fingerprint differs"):
-        s.check_model(tiny_mixtral(intermediate_size=8))
+        s.check_model(build("mixtral", intermediate_size=8))
 
 
 def test_check_model_warns_on_other_weights(mixtral):
     s = Schedule.constant(mixtral, {"text": 0.1})
     with pytest.warns(UserWarning, match=r"schedule was calibrated on other weights"):
-        s.check_model(tiny_mixtral(seed=1))
+        s.check_model(build("mixtral", seed=1))
 
 
 def test_check_model_without_fingerprint_skips_the_fingerprint_checks(mixtral):
@@ -261,13 +216,13 @@ def test_check_model_without_fingerprint_skips_the_fingerprint_checks(mixtral):
     s.fingerprint = {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        s.check_model(tiny_mixtral(seed=1))
+        s.check_model(build("mixtral", seed=1))
 
 
 def test_check_model_rejects_a_model_without_moe(mixtral):
     s = Schedule.constant(mixtral, {"text": 0.1})
     with pytest.raises(ValueError, match=r"LlamaForCausalLM has no MoE sites"):
-        s.check_model(tiny_llama())
+        s.check_model(extra_model("llama"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,63 +5,26 @@ import pytest
 import torch
 import transformers as tf
 
+from extra_models import extra_model
 from modes_fx.sites import find_moe_sites, model_fingerprint, site_parameters
+from modes_fx.testing import MODEL_NAMES, build
 
 # ----------------------------------------------------------------------------------------------
-# Tiny models (random weights, no downloads)
-
-_COMMON = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-_MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
-
-
-def _qwen3_vl_moe_config(**text):
-    text_config = dict(
-        _COMMON, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, head_dim=8,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}, **text,
-    )
-    vision_config = dict(
-        depth=1, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=4,
-        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0],
-    )
-    return tf.Qwen3VLMoeConfig(text_config=text_config, vision_config=vision_config, image_token_id=120, video_token_id=121)
-
-
-CONFIGS = {
-    "qwen3_vl_moe": lambda **kw: (tf.Qwen3VLMoeForConditionalGeneration, _qwen3_vl_moe_config(**kw)),
-    "qwen3_moe": lambda **kw: (tf.Qwen3MoeForCausalLM, tf.Qwen3MoeConfig(**{**_COMMON, "moe_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 2, "head_dim": 8, **kw})),
-    "mixtral": lambda **kw: (tf.MixtralForCausalLM, tf.MixtralConfig(**{**_COMMON, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2, **kw})),
-    "olmoe": lambda **kw: (tf.OlmoeForCausalLM, tf.OlmoeConfig(**{**_COMMON, "intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": False, **kw})),
-    "qwen2_moe": lambda **kw: (tf.Qwen2MoeForCausalLM, tf.Qwen2MoeConfig(**{**_COMMON, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2, **kw})),
-    "deepseek_v3": lambda **kw: (tf.DeepseekV3ForCausalLM, tf.DeepseekV3Config(**{**_COMMON, **_MLA, "moe_intermediate_size": 16, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, **kw})),
-    "jamba": lambda **kw: (tf.JambaForCausalLM, tf.JambaConfig(**{**_COMMON, "num_experts": 4, "num_experts_per_tok": 2, "expert_layer_period": 1, "expert_layer_offset": 0, "attn_layer_period": 1, "attn_layer_offset": 0, "use_mamba_kernels": False, **kw})),
-    "ernie4_5_moe": lambda **kw: (tf.Ernie4_5_MoeForCausalLM, tf.Ernie4_5_MoeConfig(**{**_COMMON, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 16, **kw})),
-    "minimax_m2": lambda **kw: (tf.MiniMaxM2ForCausalLM, tf.MiniMaxM2Config(**{**_COMMON, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8, **kw})),
-    "gpt_oss": lambda **kw: (tf.GptOssForCausalLM, tf.GptOssConfig(**{**_COMMON, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8, **kw})),
-    "llama": lambda **kw: (tf.LlamaForCausalLM, tf.LlamaConfig(**{**_COMMON, **kw})),
-}
+# Tiny models (random weights, no downloads): modes_fx.testing.build for MODEL_NAMES, the
+# extra_models test helper for the other families
 
 
 def tiny_model(name: str, seed: int = 0, **config) -> torch.nn.Module:
-    """An eval-mode tiny ``name`` model (see CONFIGS), config overridden by ``config``, seeded."""
-    cls, cfg = CONFIGS[name](**config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return cls(cfg).eval()
+    """An eval-mode tiny ``name`` model, config overridden by ``config``, seeded."""
+    if name in MODEL_NAMES:
+        return build(name, seed=seed, **config)
+    return extra_model(name, seed=seed, **config)
 
 
 # ----------------------------------------------------------------------------------------------
 # Discovery on real model classes
+
+_QWEN2_MOE_4_LAYERS = {"num_hidden_layers": 4}
 
 # name, config overrides, expected MoE layer indices, router_kind, normalizes_top_k, shared experts
 EXPECTED = {
@@ -70,8 +33,8 @@ EXPECTED = {
     "qwen3_moe_no_norm": ("qwen3_moe", {"norm_topk_prob": False}, [0, 1], "softmax_topk", False, False),
     "mixtral": ("mixtral", {}, [0, 1], "softmax_topk", True, False),
     "olmoe": ("olmoe", {"norm_topk_prob": False}, [0, 1], "softmax_topk", False, False),
-    "qwen2_moe_mlp_only_0": ("qwen2_moe", {"num_hidden_layers": 4, "mlp_only_layers": [0]}, [1, 2, 3], "softmax_topk", False, True),
-    "qwen2_moe_sparse_step_2": ("qwen2_moe", {"num_hidden_layers": 4, "decoder_sparse_step": 2}, [1, 3], "softmax_topk", False, True),
+    "qwen2_moe_mlp_only_0": ("qwen2_moe", {**_QWEN2_MOE_4_LAYERS, "mlp_only_layers": [0]}, [1, 2, 3], "softmax_topk", False, True),
+    "qwen2_moe_sparse_step_2": ("qwen2_moe", {**_QWEN2_MOE_4_LAYERS, "decoder_sparse_step": 2}, [1, 3], "softmax_topk", False, True),
     "deepseek_v3": ("deepseek_v3", {"num_hidden_layers": 3, "first_k_dense_replace": 1}, [1, 2], "sigmoid_grouped_topk", True, True),
     "deepseek_v3_no_norm_scaled": ("deepseek_v3", {"first_k_dense_replace": 0, "norm_topk_prob": False, "routed_scaling_factor": 2.5}, [0, 1], "sigmoid_grouped_topk", False, True),
     # Same router attributes as Mixtral, but the top-k weights are not renormalised.
@@ -119,8 +82,8 @@ def test_model_without_moe_has_no_sites():
 
 
 def test_top_k_and_num_experts_come_from_the_model():
-    sites = find_moe_sites(tiny_model("mixtral", num_local_experts=8, num_experts_per_tok=3))
-    assert [(s.top_k, s.num_experts) for s in sites] == [(3, 8), (3, 8)]
+    sites = find_moe_sites(tiny_model("mixtral", num_local_experts=6, num_experts_per_tok=3))
+    assert [(s.top_k, s.num_experts) for s in sites] == [(3, 6), (3, 6)]
 
 
 def test_activation_is_the_config_hidden_act():
@@ -201,9 +164,9 @@ def test_bf16_router_is_classified():
 
 
 def test_meta_device_router_is_unknown_but_found():
-    cls, cfg = CONFIGS["mixtral"]()
+    config = build("mixtral").config
     with torch.device("meta"):
-        model = cls(cfg)
+        model = tf.MixtralForCausalLM(config)
     sites = find_moe_sites(model)
     assert [s.router_kind for s in sites] == ["unknown", "unknown"]
     assert [s.path for s in sites] == ["model.layers.0.mlp", "model.layers.1.mlp"]
@@ -229,8 +192,8 @@ def test_site_parameters_are_the_model_parameters():
     assert params["router_weight"] is layer.gate.weight
     assert params["gate_up_proj"] is layer.experts.gate_up_proj
     assert params["down_proj"] is layer.experts.down_proj
-    assert params["gate_up_proj"].shape == (4, 32, 32)  # [E, 2I, H]
-    assert params["down_proj"].shape == (4, 32, 16)  # [E, H, I]
+    assert params["gate_up_proj"].shape == (8, 32, 64)  # [E, 2I, H]
+    assert params["down_proj"].shape == (8, 64, 16)  # [E, H, I]
 
 
 def test_fingerprint_is_deterministic_and_separates_weights_from_architecture():
@@ -256,7 +219,7 @@ def test_fingerprint_weights_change_with_one_router_weight():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"num_local_experts": 8}, {"num_experts_per_tok": 1}, {"intermediate_size": 8}, {"num_hidden_layers": 3}],
+    [{"num_local_experts": 4}, {"num_experts_per_tok": 1}, {"intermediate_size": 8}, {"num_hidden_layers": 3}],
 )
 def test_fingerprint_architecture_changes_with_the_sites(overrides):
     base = model_fingerprint(tiny_model("mixtral"))["architecture"]
@@ -264,7 +227,7 @@ def test_fingerprint_architecture_changes_with_the_sites(overrides):
 
 
 def test_fingerprint_architecture_includes_the_class_name():
-    mixtral, olmoe = tiny_model("mixtral", num_local_experts=8, intermediate_size=16), tiny_model("olmoe")
+    mixtral, olmoe = tiny_model("mixtral"), tiny_model("olmoe")
 
     def described(model):
         return [

@@ -1,0 +1,45 @@
+"""Tiny randomly initialised models of families ``modes_fx.testing`` does not build.
+
+``modes_fx.testing.build`` covers ``MODEL_NAMES`` (Qwen3-VL-MoE, Qwen3-MoE, Mixtral, OLMoE,
+Qwen2-MoE); use it for those. This module holds the one copy of the test builders for the
+other families (a dense Llama, and MoE families with other router or expert layouts), with the
+same vocabulary, special token ids, width and depth as ``modes_fx.testing``.
+"""
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+from modes_fx.testing import BOS_ID, EOS_ID, HIDDEN, NUM_LAYERS, PAD_ID, VOCAB
+
+_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=NUM_LAYERS,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+)
+_MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+
+# name: (model class, config class, family-specific config); every MoE family has top-k 2.
+EXTRA_MODELS = {
+    "llama": (tf.LlamaForCausalLM, tf.LlamaConfig, {}),
+    "deepseek_v3": (tf.DeepseekV3ForCausalLM, tf.DeepseekV3Config, dict(
+        _MLA, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+    )),
+    "jamba": (tf.JambaForCausalLM, tf.JambaConfig, dict(
+        num_experts=4, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0,
+        attn_layer_period=1, attn_layer_offset=0, use_mamba_kernels=False,
+    )),
+    "ernie4_5_moe": (tf.Ernie4_5_MoeForCausalLM, tf.Ernie4_5_MoeConfig, dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=16)),
+    "minimax_m2": (tf.MiniMaxM2ForCausalLM, tf.MiniMaxM2Config, dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8)),
+    "gpt_oss": (tf.GptOssForCausalLM, tf.GptOssConfig, dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8)),
+}
+
+
+def extra_model(name: str, seed: int = 0, **config) -> torch.nn.Module:
+    """An eval-mode tiny ``name`` model (see EXTRA_MODELS), config overridden by ``config``,
+    weights seeded by ``seed``; the global torch RNG is left untouched."""
+    model_cls, config_cls, family = EXTRA_MODELS[name]
+    cfg = config_cls(**{**_COMMON, **family, **config})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_cls(cfg).eval()
