@@ -9,7 +9,8 @@ torch.compile backend.
 """
 from modes_fx.attach import attach, detach
 from modes_fx.backend import last_report, reset_report
+from modes_fx.calib import calibrate
 from modes_fx.schedule import Schedule
 from modes_fx.tracking import track
 
-__all__ = ["Schedule", "attach", "detach", "last_report", "reset_report", "track"]
+__all__ = ["Schedule", "attach", "calibrate", "detach", "last_report", "reset_report", "track"]

@@ -9,7 +9,8 @@ from modes_fx import runtime
 from modes_fx.schedule import Schedule
 
 
-def _as_schedule(schedule: Schedule | str | os.PathLike) -> Schedule:
+def as_schedule(schedule: Schedule | str | os.PathLike) -> Schedule:
+    """A Schedule as given, or loaded from a path."""
     if isinstance(schedule, Schedule):
         return schedule
     if isinstance(schedule, (str, os.PathLike)):
@@ -24,7 +25,7 @@ def attach(model: torch.nn.Module, schedule: Schedule | str | os.PathLike) -> to
     every token's modality id from ``input_ids`` / ``attention_mask``. Attaching again replaces
     the previous schedule (idempotent). Returns ``model``.
     """
-    schedule = _as_schedule(schedule)
+    schedule = as_schedule(schedule)
     schedule.check_model(model)
     detach(model)
     state = runtime.AttachedState.create(model, schedule)

@@ -48,11 +48,14 @@ def resolver_for(example_inputs: Sequence) -> Callable[[fx.Node], runtime.ParamR
 
 
 def _attach_from_options(schedule, example_inputs: Sequence) -> None:
-    """Honour ``options={"schedule": ...}`` when ``attach`` was not called on this model."""
+    """Honour ``options={"schedule": ...}`` when ``attach`` was not called on this model: attach
+    to the Hugging Face model whose forward Dynamo is tracing, and record this call's modalities
+    (the pre-hook ``attach`` installs only runs from the next call on)."""
     if any(runtime.role_of(x) for x in example_inputs if isinstance(x, torch.Tensor)):
         return
-    model = _model_being_compiled()
-    if model is None:
+    call = _traced_frame_locals()
+    model = call.get("self")
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")):
         raise RuntimeError(
             "modes: options={'schedule': ...} needs the model being compiled, and this graph does not come "
             "from a model's forward; call modes_fx.attach(model, schedule) before torch.compile instead"
@@ -60,8 +63,6 @@ def _attach_from_options(schedule, example_inputs: Sequence) -> None:
     from modes_fx.attach import attach
 
     attach(model, schedule)
-    # The pre-hook attach installed runs from the next call on; this call is already running.
-    call = _traced_frame_locals()
     args = call.get("args") or ()
     input_ids = call.get("input_ids", args[0] if args else None)
     runtime.state_of(model).record_call(input_ids, call.get("attention_mask"))
@@ -78,12 +79,6 @@ def _traced_frame_locals() -> dict:
     if isinstance(local.get("kwargs"), dict):
         local = {**local["kwargs"], **local}
     return local
-
-
-def _model_being_compiled() -> torch.nn.Module | None:
-    """The Hugging Face model whose forward Dynamo is tracing right now, if any."""
-    model = _traced_frame_locals().get("self")
-    return model if isinstance(model, torch.nn.Module) and hasattr(model, "config") else None
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence, inner: str, mode: str | None) -> Callable:
@@ -116,9 +111,9 @@ def modes_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | 
         raise ValueError(f"modes: unknown option(s) {sorted(unknown)}; known: {list(_OPTIONS)}")
     inner = options.get("inner", "inductor")
     if options.get("schedule") is not None:
-        from modes_fx.attach import _as_schedule
+        from modes_fx.attach import as_schedule
 
-        _attach_from_options(_as_schedule(options["schedule"]), example_inputs)
+        _attach_from_options(as_schedule(options["schedule"]), example_inputs)
     report = GraphReport(index=len(_REPORT.graphs), num_nodes=len(gm.graph.nodes), inner=inner)
     resolve = resolver_for(example_inputs)
     current = gm

@@ -1,0 +1,124 @@
+"""``calibrate``: layer importance (GMLG) then frontier search (DMT) → a deployable Schedule.
+
+Cost: 1 reference pass + L·M ablation passes + O(D) search passes over the calibration data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from modes_fx.schedule import Schedule
+from modes_fx.sites import model_fingerprint
+
+from .cache import DiskCache
+from .data import CalibrationBatch, fingerprint, prepare
+from .frontier import frontier_search
+from .grids import PAPER_POINTS, PAPER_X_MAX, tau_grid
+from .importance import importance_kls, normalise
+from .measure import Measurement
+from .session import CalibrationSession, default_modalities
+
+
+@dataclass
+class GridSpec:
+    """τ grids of the search, one per schedule column.
+
+    mapping "exp" (the paper's): x ∈ [0, x_max[column]] mapped by τ = 2 / (1 + e^(-10 (x - 1)));
+    "linear": τ ∈ [0, tau_max[column]]. Columns missing from x_max use the paper's text range
+    for "text" and its visual range otherwise."""
+
+    points: int = PAPER_POINTS
+    mapping: str = "exp"
+    x_max: dict[str, float] = field(default_factory=dict)
+    tau_max: dict[str, float] = field(default_factory=dict)
+
+    def grid(self, column: str) -> list[float]:
+        x_max = self.x_max.get(column, PAPER_X_MAX["text" if column == "text" else "vision"])
+        if self.mapping == "linear":
+            return tau_grid(self.points, "linear", x_max=x_max, tau_max=self.tau_max.get(column))
+        return tau_grid(self.points, "exp", x_max=x_max)
+
+
+def _check_target(target_skip: float) -> None:
+    if not (isinstance(target_skip, (int, float)) and 0.0 < target_skip < 1.0):
+        raise ValueError(f"target_skip must be in (0, 1) exclusive, got {target_skip!r}")
+
+
+def _cache(cache_dir, model, batches: list[CalibrationBatch], modalities, grid: GridSpec, inner: str) -> DiskCache | None:
+    if cache_dir is None:
+        return None
+    key = {
+        "model": model_fingerprint(model),
+        "data": fingerprint(batches),
+        "modalities": modalities,
+        "grid": asdict(grid),
+        "inner": inner,
+    }
+    return DiskCache(cache_dir, key)
+
+
+def calibrate(
+    model: torch.nn.Module,
+    data: Iterable[dict],
+    target_skip: float = 0.88,
+    modalities: list[str] | None = None,
+    grid: GridSpec | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    inner: str = "eager",
+    mode: str = "two_pointer",
+    progress: bool = True,
+) -> Schedule:
+    """Calibrate a MoDES schedule for ``model`` on ``data`` reaching ``target_skip``.
+
+    data: calibration items (calib/data.py); modalities: schedule columns (default text plus
+    vision/audio when present in the data); grid: τ grids (default: the paper's, D = 100);
+    cache_dir: where the resumable cache lives (None: no cache); inner: the inner compiler of
+    the ``modes`` backend used for every pass; mode: "two_pointer" or "brute_force".
+    The returned schedule records the searched KL (nats per answer token) and skip ratio."""
+    _check_target(target_skip)
+    grid = grid or GridSpec()
+    batches = prepare(data)
+    modalities = modalities or default_modalities(model, batches)
+    grids = [grid.grid(column) for column in modalities]
+    cache = _cache(cache_dir, model, batches, modalities, grid, inner)
+    sections = (cache.section("importance"), cache.section("frontier")) if cache else (None, None)
+    with CalibrationSession(model, batches, modalities, inner) as session:
+        alpha = normalise(importance_kls(session, sections[0], progress), modalities)
+        with tqdm(desc="frontier search", disable=not progress) as bar:
+
+            def evaluate(taus: tuple[float, ...]) -> tuple[float, float]:
+                bar.update()
+                result: Measurement = session.measure_table(session.schedule(alpha, list(taus)).thresholds())
+                return result.kl, result.skip
+
+            found = frontier_search(evaluate, grids, target_skip, cache=sections[1], mode=mode)
+    if not found.feasible:
+        raise ValueError(found.message)
+    return dataclasses.replace(
+        session.schedule(alpha, list(found.best.taus)),
+        target_skip=target_skip,
+        measured_skip=found.best.skip,
+        calibration={
+            "method": "modes",
+            "kl": found.best.kl,
+            "batches": len(batches),
+            "answer_tokens": sum(b.num_answer_tokens for b in batches),
+            "grid": asdict(grid),
+            "search": mode,
+            "passes": 1 + len(alpha) * len(modalities) + len(found.evaluated),
+            "frontier": [[list(e.taus), e.kl, e.skip] for e in found.evaluated],
+        },
+    )
+
+
+def evaluate_schedule(model: torch.nn.Module, data: Iterable[dict], schedule: Schedule, inner: str = "eager") -> Measurement:
+    """A fresh measurement of ``schedule`` on ``data``: KL against the unskipped model and skip ratio."""
+    schedule.check_model(model)
+    batches = prepare(data)
+    with CalibrationSession(model, batches, schedule.modalities, inner) as session:
+        return session.measure_table(schedule.thresholds())

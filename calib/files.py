@@ -1,0 +1,38 @@
+"""Calibration data files for ``modes calibrate``.
+
+- ``.pt``: ``torch.save`` of a list of dicts of tensors (model inputs, plus ``labels`` or
+  ``answer_mask``), exactly the items ``calibrate`` takes; use it for image/video inputs.
+- ``.jsonl``: one JSON object per line with integer lists ``input_ids`` and optionally
+  ``attention_mask``, ``labels`` (-100 outside the answer) or ``answer_mask`` (0/1); each line
+  is one sequence (a batch of 1). Text-only.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+_JSONL_KEYS = {"input_ids": torch.int64, "attention_mask": torch.int64, "labels": torch.int64, "answer_mask": torch.bool}
+
+
+def load_data(path: str | Path) -> list[dict]:
+    """Calibration items from a .pt or .jsonl file (see module docstring)."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        items = torch.load(path, weights_only=True)
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise ValueError(f"{path}: expected a torch.save'd list of dicts")
+        return items
+    if path.suffix == ".jsonl":
+        items = []
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            unknown = set(record) - set(_JSONL_KEYS)
+            if unknown:
+                raise ValueError(f"{path}:{n}: unknown field(s) {sorted(unknown)}; known: {sorted(_JSONL_KEYS)}")
+            items.append({k: torch.tensor([v], dtype=_JSONL_KEYS[k]) for k, v in record.items()})
+        return items
+    raise ValueError(f"{path}: calibration data must be .pt or .jsonl")

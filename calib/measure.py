@@ -1,0 +1,50 @@
+"""KL and skip ratio of the current thresholds on calibration data, through the deployed op path.
+
+``run`` is the model's compiled callable (``backend="modes"``), so what calibration measures is
+what inference does.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from modes_fx import tracking
+
+from .data import CalibrationBatch
+
+
+@dataclass
+class Measurement:
+    """kl: mean KL(reference ‖ current) over answer tokens, in nats; skip: skipped / counted pairs."""
+
+    kl: float
+    skip: float
+
+
+def _answer_logprobs(run: Callable, batch: CalibrationBatch) -> torch.Tensor:
+    """float32 [N_answer, V] log-probabilities at the positions that predict answer tokens."""
+    with torch.no_grad():
+        logits = run(**batch.inputs).logits
+    picked = logits[batch.predict_mask.to(logits.device)].float()
+    if not torch.isfinite(picked).all():
+        raise FloatingPointError("the model produced non-finite logits at answer positions")
+    return torch.log_softmax(picked, dim=-1)
+
+
+def reference_logprobs(run: Callable, batches: list[CalibrationBatch]) -> list[torch.Tensor]:
+    """One unskipped pass: answer-position log-probs per batch (only those rows are kept)."""
+    return [_answer_logprobs(run, b) for b in batches]
+
+
+def measure(run: Callable, batches: list[CalibrationBatch], reference: list[torch.Tensor]) -> Measurement:
+    """KL against ``reference`` and the measured skip ratio, with whatever thresholds are set."""
+    total_kl, tokens = 0.0, 0
+    with tracking.track() as stats:
+        for batch, ref in zip(batches, reference):
+            cur = _answer_logprobs(run, batch)
+            ref = ref.to(cur.device)
+            total_kl += float((ref.exp() * (ref - cur)).sum())
+            tokens += ref.shape[0]
+    return Measurement(kl=max(total_kl, 0.0) / tokens, skip=stats.skip_ratio)

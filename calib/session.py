@@ -1,0 +1,81 @@
+"""A calibration session: the model attached and compiled with ``backend="modes"`` once, so every
+measurement only swaps the threshold table (no recompilation) and runs the deployed op path."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+import modes_fx
+from modes_fx import runtime
+from modes_fx.modality import GROUP_COLUMNS, kind_to_column, special_token_ids
+from modes_fx.schedule import Schedule
+
+from .data import CalibrationBatch
+from .measure import Measurement, measure, reference_logprobs
+
+
+def default_modalities(model: torch.nn.Module, batches: list[CalibrationBatch]) -> list[str]:
+    """``["text"]`` plus ``"vision"`` when image or video tokens occur in the data, and
+    ``"audio"`` when audio tokens do (the paper's text / visual split)."""
+    present = {
+        kind
+        for kind, token_id in special_token_ids(model.config).items()
+        if any((b.inputs["input_ids"] == token_id).any() for b in batches)
+    }
+    columns = ["text"]
+    if present & set(GROUP_COLUMNS["vision"]):
+        columns.append("vision")
+    if "audio" in present:
+        columns.append("audio")
+    return columns
+
+
+class CalibrationSession:
+    """Context manager: attach a τ = 0 schedule, compile ``model`` in place, take the reference
+    pass; on exit restore the model's previous compilation and attachment."""
+
+    def __init__(self, model: torch.nn.Module, batches: list[CalibrationBatch], modalities: list[str], inner: str = "eager"):
+        kind_to_column(modalities)  # validates the names
+        self.model, self.batches, self.inner = model, batches, inner
+        self.base = Schedule.constant(model, tau={}, modalities=modalities)
+        self.reference: list[torch.Tensor] = []
+
+    def __enter__(self) -> "CalibrationSession":
+        previous = runtime.state_of(self.model)
+        self._previous_schedule = previous.schedule if previous else None
+        self._previous_compiled = self.model._compiled_call_impl
+        modes_fx.attach(self.model, self.base)
+        self.state = runtime.state_of(self.model)
+        self.model.compile(backend="modes", options={"inner": self.inner})
+        self.reference = reference_logprobs(self.model, self.batches)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model._compiled_call_impl = self._previous_compiled
+        modes_fx.detach(self.model)
+        if self._previous_schedule is not None:
+            modes_fx.attach(self.model, self._previous_schedule)
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.base.site_paths)
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.base.modalities
+
+    def schedule(self, alpha: list[list[float]], tau: list[float]) -> Schedule:
+        """The deployable schedule for α [L][M] and τ [M] (same threshold code as inference)."""
+        return dataclasses.replace(self.base, alpha=alpha, tau=list(tau), calibration={})
+
+    def measure_table(self, table: torch.Tensor) -> Measurement:
+        """KL and skip ratio with the threshold table float32 [L, M + 1] in force."""
+        self.state.set_thresholds(table)
+        return measure(self.model, self.batches, self.reference)
+
+    def ablation_table(self, layer: int, column: int) -> torch.Tensor:
+        """Thresholds that remove layer ``layer``'s routed experts for modality ``column`` only."""
+        table = self.base.thresholds()  # τ = 0 everywhere: nothing skipped
+        table[layer, column + 1] = float("inf")
+        return table

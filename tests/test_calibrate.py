@@ -1,0 +1,123 @@
+"""calibrate() end to end on a tiny real Qwen3-VL-MoE with image inputs: α, the searched schedule
+deployed with attach + backend="modes", resuming an interrupted run, and bad input."""
+import math
+
+import pytest
+import torch
+
+import modes_fx
+from modes_fx.calib import GridSpec, calibrate, evaluate_schedule, layer_importance
+from modes_fx.calib import session as session_module
+from modes_fx.testing import build, image_inputs
+
+GRID = GridSpec(points=8, mapping="linear", tau_max={"text": 0.6, "vision": 0.6})
+TARGET = 0.5
+
+
+def _data(model, batches=3):
+    items = []
+    for seed in range(batches):
+        inputs = image_inputs(model, batch=2, seed=seed, pad=True)
+        labels = torch.full_like(inputs["input_ids"], -100)
+        labels[:, -3:] = inputs["input_ids"][:, -3:]
+        items.append({**inputs, "labels": labels})
+    return items
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build("qwen3_vl_moe", experts_implementation="grouped_mm")
+
+
+@pytest.fixture(scope="module")
+def data(model):
+    return _data(model)
+
+
+@pytest.fixture(scope="module")
+def schedule(model, data):
+    return calibrate(model, data, target_skip=TARGET, grid=GRID, progress=False)
+
+
+def test_alpha_has_one_nonnegative_value_per_layer_and_modality_summing_to_one(schedule):
+    assert schedule.modalities == ["text", "vision"]
+    assert len(schedule.alpha) == 2 and all(len(row) == 2 for row in schedule.alpha)
+    assert all(a >= 0 for row in schedule.alpha for a in row)
+    for m in range(2):
+        assert math.isclose(sum(row[m] for row in schedule.alpha), 1.0, rel_tol=1e-9)
+
+
+def test_layer_importance_alone_matches_calibrate(model, data, schedule):
+    assert layer_importance(model, data, progress=False) == schedule.alpha
+
+
+def test_deployed_schedule_reaches_the_searched_skip_and_kl(model, data, schedule):
+    assert schedule.measured_skip >= TARGET
+    modes_fx.attach(model, schedule)
+    compiled = torch.compile(model, backend="modes", options={"inner": "eager"})
+    try:
+        with torch.no_grad(), modes_fx.track() as stats:
+            for item in data:
+                compiled(**{k: v for k, v in item.items() if k != "labels"})
+    finally:
+        modes_fx.detach(model)
+    assert stats.skip_ratio >= TARGET
+    assert abs(stats.skip_ratio - schedule.measured_skip) <= 0.02
+    fresh = evaluate_schedule(model, data, schedule)
+    assert math.isclose(fresh.kl, schedule.calibration["kl"], rel_tol=1e-3)
+    assert fresh.kl > 0
+
+
+def test_search_reports_its_frontier_and_cost(schedule):
+    frontier = schedule.calibration["frontier"]
+    assert len(frontier) <= 2 * GRID.points + 2
+    assert schedule.calibration["passes"] == 1 + 2 * 2 + len(frontier)
+    assert [p for p in frontier if p[2] >= TARGET and p[1] < schedule.calibration["kl"]] == []
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_calibration_resumes_from_the_cache(model, data, schedule, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = session_module.CalibrationSession.measure_table
+
+    def flaky(self, table):
+        calls["n"] += 1
+        if calls["n"] == 9:  # after the 4 ablations and a few search points
+            raise Interrupted()
+        return original(self, table)
+
+    monkeypatch.setattr(session_module.CalibrationSession, "measure_table", flaky)
+    with pytest.raises(Interrupted):
+        calibrate(model, data, target_skip=TARGET, grid=GRID, cache_dir=tmp_path, progress=False)
+    done_before = calls["n"] - 1
+    calls["n"] = -10**9  # no more interruptions
+    resumed = calibrate(model, data, target_skip=TARGET, grid=GRID, cache_dir=tmp_path, progress=False)
+    resumed_passes = calls["n"] + 10**9
+    assert resumed.to_dict() == schedule.to_dict()
+    assert resumed_passes == resumed.calibration["passes"] - 1 - done_before
+    assert len(list(tmp_path.glob("modes-calibration-*.json"))) == 1
+
+
+def test_bad_input_gives_clear_errors(model, data):
+    with pytest.raises(ValueError, match="empty"):
+        calibrate(model, [], grid=GRID, progress=False)
+    no_answers = [{**item, "labels": torch.full_like(item["labels"], -100)} for item in data]
+    with pytest.raises(ValueError, match="no answer token"):
+        calibrate(model, no_answers, grid=GRID, progress=False)
+    for target in (0.0, 1.0, -0.2, 1.5):
+        with pytest.raises(ValueError, match="target_skip must be in"):
+            calibrate(model, data, target_skip=target, grid=GRID, progress=False)
+    tiny_grid = GridSpec(points=4, mapping="linear", tau_max={"text": 1e-4, "vision": 1e-4})
+    with pytest.raises(ValueError, match="(?i)unreachable|infeasible|not reach"):
+        calibrate(model, data[:1], target_skip=0.9, grid=tiny_grid, progress=False)
+
+
+def test_non_finite_logits_are_an_error():
+    broken = build("qwen3_vl_moe", experts_implementation="grouped_mm")
+    with torch.no_grad():
+        broken.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        calibrate(broken, _data(broken, batches=1), grid=GRID, progress=False)

@@ -1,0 +1,57 @@
+"""The ``modes`` command line: the quick demo and ``schedule show``."""
+import math
+
+import pytest
+
+import modes_fx
+from modes_fx import cli, demo
+from modes_fx.testing import build
+
+
+def test_quick_demo_skips_and_reports(capsys):
+    result = demo.run(quick=True)
+    out = capsys.readouterr().out
+    assert 0.3 < result.skip_ratio < 1.0
+    assert set(result.skip_by_modality) == {"text", "image"}
+    assert result.sites_rewritten >= 2
+    assert "masked_dispatch" in out and "measured skip ratio" in out
+
+
+def test_schedule_show_prints_alpha_and_tau(tmp_path, capsys):
+    model = build("qwen3_moe")
+    path = tmp_path / "s.json"
+    modes_fx.Schedule.constant(model, tau={"text": math.inf}, alpha=[[0.25], [0.75]]).save(path)
+    assert cli.main(["schedule", "show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "inf" in out and "0.25" in out and "0.75" in out and "model.layers.1.mlp" in out
+
+
+def test_unknown_command_is_an_error():
+    with pytest.raises(SystemExit):
+        cli.main(["frobnicate"])
+
+
+def test_calibrate_command_on_a_saved_model_and_jsonl_data(tmp_path, capsys):
+    import json
+
+    model = build("qwen3_moe")
+    model.save_pretrained(tmp_path / "model")
+    lines = [{"input_ids": [5, 9, 14, 30, 31, 32], "labels": [-100, -100, -100, -100, 31, 32]}, {"input_ids": [7, 8, 40, 41], "answer_mask": [0, 0, 1, 1]}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    out = tmp_path / "schedule.json"
+    argv = ["calibrate", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.jsonl"), "--target-skip", "0.3",
+            "--points", "6", "--tau-max", "0.8", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert cli.main(argv) == 0
+    schedule = modes_fx.Schedule.load(out)
+    assert schedule.modalities == ["text"] and schedule.measured_skip >= 0.3
+    assert "saved" in capsys.readouterr().out
+
+
+def test_calibration_data_files_reject_bad_input(tmp_path):
+    from modes_fx.calib.files import load_data
+
+    (tmp_path / "d.jsonl").write_text('{"input_ids": [1, 2], "pixels": [3]}')
+    with pytest.raises(ValueError, match="unknown field"):
+        load_data(tmp_path / "d.jsonl")
+    with pytest.raises(ValueError, match=".pt or .jsonl"):
+        load_data(tmp_path / "d.csv")
