@@ -4,8 +4,9 @@
   current call, from π, the site's thresholds (found from its router weight) and the call's
   token modality ids. Records ``track()`` counts.
 - ``modes::masked_experts`` (:data:`masked_experts`): pure; the experts computation restricted to
-  the kept (token, expert) pairs. Implemented by
-  :func:`modes_fx.kernels.reference.masked_experts_reference`; its fake implementation only
+  the kept (token, expert) pairs. Implemented by :func:`modes_fx.kernels.fast.masked_experts_fast`
+  (same semantics as the tested oracle
+  :func:`modes_fx.kernels.reference.masked_experts_reference`); its fake implementation only
   validates the arguments and returns an empty ``[T, H]`` tensor, so it traces with symbolic T.
 
 The ops have no autograd formula: rewritten graphs run under ``torch.no_grad()``.
@@ -17,7 +18,8 @@ import torch
 from transformers.activations import ACT2FN
 
 from modes_fx import runtime, tracking
-from modes_fx.kernels.reference import keep_mask, masked_experts_reference
+from modes_fx.kernels.fast import masked_experts_fast
+from modes_fx.kernels.reference import keep_mask
 
 __all__ = ["masked_experts", "route_mask"]
 
@@ -119,7 +121,7 @@ def masked_experts(
     _check_masked_experts_args(
         hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj, activation
     )
-    return masked_experts_reference(
+    return masked_experts_fast(
         hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj, activation
     )
 

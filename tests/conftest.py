@@ -24,3 +24,18 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def linear_calls(monkeypatch):
+    """(weight data_ptr, rows multiplied) of every ``torch.nn.functional.linear`` call made
+    during the test; clear it before the call under test."""
+    calls: list[tuple[int, int]] = []
+    real_linear = torch.nn.functional.linear
+
+    def counting_linear(x, weight, bias=None):
+        calls.append((weight.data_ptr(), x.shape[0]))
+        return real_linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    return calls

@@ -185,7 +185,7 @@ def test_all_kept_matches_transformers_experts(implementation, seed, tokens, num
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_skipped_pairs_and_inactive_experts_do_no_work(monkeypatch):
+def test_skipped_pairs_and_inactive_experts_do_no_work(linear_calls):
     num_experts, hidden_size, intermediate = 6, 8, 4
     hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj = make_case(
         3, 12, hidden_size, intermediate, num_experts, 3, "random", p_keep=0.6
@@ -197,16 +197,9 @@ def test_skipped_pairs_and_inactive_experts_do_no_work(monkeypatch):
     gate_up_proj[5] = float("nan")
     down_proj[5] = float("nan")
 
-    calls = []  # (weight address, rows multiplied)
-    real_linear = torch.nn.functional.linear
-
-    def counting_linear(x, weight, bias=None):
-        calls.append((weight.data_ptr(), x.shape[0]))
-        return real_linear(x, weight, bias)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    linear_calls.clear()
     out = masked_experts(hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj, "silu")
-    monkeypatch.undo()
+    calls = list(linear_calls)  # (weight address, rows multiplied)
 
     gate_up_ptr = {gate_up_proj[e].data_ptr(): e for e in range(num_experts)}
     down_ptr = {down_proj[e].data_ptr(): e for e in range(num_experts)}

@@ -1,0 +1,449 @@
+"""``modes bench speed`` (also ``python -m modes_fx.bench speed``): what skipping buys in wall time.
+
+One process, one randomly initialised Qwen3-VL-MoE (``Qwen3VLMoeForConditionalGeneration``, built
+by :func:`modes_fx.testing.build`; the vision tower is never run). The prompt is text-only token
+ids: BOS, ``image_tokens`` copies of the image token id (the modality hook maps them to the
+``image`` modality, so the modality machinery runs) and ``text_tokens - 1`` ordinary text ids;
+then a greedy decode of ``decode_tokens`` tokens at batch 1 (argmax over the ordinary text ids,
+KV cache). Variants, timed with interleaved repetitions:
+
+- ``eager``: transformers eager, uncompiled;
+- ``dense``: ``torch.compile`` with inductor (the baseline every ratio is taken against);
+- ``modes tau=0``: ``backend="modes"`` keeping every pair (the passes' overhead);
+- ``modes skip=S``: ``backend="modes"`` with one uniform threshold per phase, solved for so that
+  ``modes_fx.track()`` reads the skip ratio S (± 1%) on the benchmark prefill and decode.
+
+Both compiled variants live side by side on the same module (``module._compiled_call_impl`` is
+switched between them); thresholds change through ``state.set_thresholds`` without recompiling.
+Latencies are milliseconds; the decode latency is the total of the ``decode_tokens`` steps.
+The experts share is the fraction of the ``modes tau=0`` time spent in ``modes::masked_experts``
+(torch.profiler); the Amdahl bound at skip ratio s is ``1 / ((1 - share) + share * (1 - s))``.
+Peak memory is the largest resident-set growth (MiB) over the process's resident set before the
+timed call.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+SKIP_TARGETS = (0.5, 0.75, 0.88)
+SKIP_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Model shape (text model of Qwen3-VL-MoE), workload and repetitions of one benchmark run."""
+
+    hidden_size: int
+    num_layers: int
+    num_experts: int
+    top_k: int
+    moe_intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    image_tokens: int
+    text_tokens: int
+    decode_tokens: int
+    reps: int
+    compiler: str  # inner compiler of both compiled variants: "inductor" or "eager"
+
+
+FULL = BenchConfig(1024, 8, 64, 8, 384, 16, 4, 64, 1024, 64, 64, 3, "inductor")
+QUICK = BenchConfig(64, 2, 8, 2, 32, 4, 2, 16, 48, 8, 4, 1, "eager")
+
+
+def build_model(cfg: BenchConfig) -> torch.nn.Module:
+    """The benchmark model (fp32, eval, seeded random weights, grouped_mm experts)."""
+    from modes_fx import testing
+
+    half = cfg.head_dim // 2
+    hw = half * 5 // 16  # mrope sections (t, h, w) summing to head_dim / 2, as Qwen3-VL's 24/20/20
+    return testing.build(
+        "qwen3_vl_moe",
+        experts_implementation="grouped_mm",
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        moe_intermediate_size=cfg.moe_intermediate,
+        intermediate_size=4 * cfg.moe_intermediate,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=2 * (cfg.image_tokens + cfg.text_tokens + cfg.decode_tokens),
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1_000_000.0,
+            "mrope_section": [half - 2 * hw, hw, hw],
+            "mrope_interleaved": True,
+        },
+    )
+
+
+def prompt_ids(cfg: BenchConfig) -> torch.Tensor:
+    """int64 [1, image_tokens + text_tokens]: BOS, the image placeholders, then text ids."""
+    from modes_fx import testing
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(testing.TEXT_ID_LOW, testing.TEXT_ID_HIGH, (cfg.text_tokens - 1,), generator=g)
+    image = torch.full((cfg.image_tokens,), testing.IMAGE_ID)
+    return torch.cat([torch.tensor([testing.BOS_ID]), image, text])[None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and timing one phase
+
+
+class Runner:
+    """Runs the prefill / decode of the benchmark on one model under a chosen variant."""
+
+    def __init__(self, model: torch.nn.Module, cfg: BenchConfig):
+        import modes_fx
+        from modes_fx import runtime, testing
+
+        self.model, self.cfg, self.ids = model, cfg, prompt_ids(cfg)
+        modes_fx.attach(model, modes_fx.Schedule.constant(model, tau={}))
+        modes_fx.reset_report()
+        self.state = runtime.state_of(model)
+        self.text_ids = slice(testing.TEXT_ID_LOW, testing.TEXT_ID_HIGH)
+        self.impls = {
+            "eager": None,
+            "dense": torch.compile(model._call_impl, backend=cfg.compiler),
+            "modes": torch.compile(model._call_impl, backend="modes", options={"inner": cfg.compiler}),
+        }
+
+    def check_every_site_rewritten(self) -> None:
+        """Raise if a graph the modes backend compiled left an MoE site of the model unrewritten."""
+        import modes_fx
+
+        for graph in modes_fx.last_report().graphs:
+            if len(graph.rewrites) != len(self.state.sites):
+                raise RuntimeError(f"modes rewrote {len(graph.rewrites)} of {len(self.state.sites)} MoE sites in graph {graph.index}")
+
+    def use(self, impl: str, threshold: float = 0.0) -> None:
+        """Select the compiled callable and set every site's threshold (score units) to one value."""
+        self.model._compiled_call_impl = self.impls[impl]
+        table = torch.full_like(self.state.thresholds, threshold)
+        table[:, 0] = -torch.inf
+        self.state.set_thresholds(table)
+
+    def _next(self, out) -> torch.Tensor:
+        logits = out.logits[:, -1, self.text_ids]
+        return logits.argmax(-1, keepdim=True) + self.text_ids.start
+
+    def prefill(self):
+        """(KV cache, first generated token int64 [1, 1])."""
+        out = self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, self._next(out)
+
+    def decode(self, past, token) -> torch.Tensor:
+        """Greedy decode of ``decode_tokens`` steps after a prefill; int64 [1, decode_tokens]."""
+        tokens = []
+        for _ in range(self.cfg.decode_tokens):
+            tokens.append(token)
+            token = self._next(self.model(input_ids=token, past_key_values=past, use_cache=True))
+        return torch.cat(tokens, 1)
+
+
+class PeakRSS:
+    """Context manager: largest resident-set growth (MiB) over the value at entry, sampled every 2 ms."""
+
+    def __enter__(self):
+        self._stop, self.peak = threading.Event(), 0.0
+        self._base = _rss_mib()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_mib() - self._base)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib() - self._base)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _timed(fn, *args):
+    """(fn's result, wall milliseconds)."""
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, (time.perf_counter() - start) * 1e3
+
+
+# ---------------------------------------------------------------------------------------------
+# Thresholds for a target skip ratio
+
+
+def _skip_ratio(run) -> float:
+    import modes_fx
+
+    with modes_fx.track() as stats:
+        run()
+    return stats.skip_ratio
+
+
+def solve_threshold(measure, target: float, steps: int = 12) -> tuple[float, float]:
+    """Threshold t in [0, 1] (score units) with ``measure(t)`` within SKIP_TOLERANCE of
+    ``target``; ``measure`` is a skip ratio, non-decreasing in t, 0 at t = 0 and 1 at t = 1
+    (π ≤ 1). Regula falsi with the Illinois rule; returns (t, measured ratio) of the closest
+    reading after at most ``steps`` measurements."""
+    lo, hi = 0.0, 1.0
+    g_lo, g_hi = -target, 1.0 - target  # measure(t) - target at the bracket ends
+    best, side = (0.0, 0.0), 0
+    for _ in range(steps):
+        t = lo - g_lo * (hi - lo) / (g_hi - g_lo)
+        ratio = measure(t)
+        if abs(ratio - target) < abs(best[1] - target):
+            best = (t, ratio)
+        if abs(ratio - target) <= SKIP_TOLERANCE:
+            break
+        if ratio < target:
+            lo, g_lo = t, ratio - target
+            g_hi = g_hi / 2 if side < 0 else g_hi
+            side = -1
+        else:
+            hi, g_hi = t, ratio - target
+            g_lo = g_lo / 2 if side > 0 else g_lo
+            side = 1
+    return best
+
+
+@dataclass
+class Variant:
+    """One row of the table: what to run and what was measured (ms, MiB, fractions)."""
+
+    name: str
+    impl: str
+    prefill_threshold: float = 0.0
+    decode_threshold: float = 0.0
+    prefill_skip: float = float("nan")
+    decode_skip: float = float("nan")
+    prefill_ms: float = float("nan")
+    decode_ms: float = float("nan")
+    prefill_peak_mib: float = 0.0
+    decode_peak_mib: float = 0.0
+
+
+def calibrate(runner: Runner, target: float, echo) -> Variant:
+    """The modes variant whose prefill and decode thresholds read ``target`` skip on the benchmark."""
+
+    def prefill_skip(t):
+        runner.use("modes", t)
+        return _skip_ratio(runner.prefill)
+
+    tp, _ = solve_threshold(prefill_skip, target)
+    runner.use("modes", tp)
+    past, token = runner.prefill()
+
+    def decode_skip(t):
+        runner.use("modes", t)
+        return _skip_ratio(lambda: runner.decode(copy.deepcopy(past), token))
+
+    td, _ = solve_threshold(decode_skip, target)
+    echo(f"  skip {target:.0%}: prefill threshold {tp:.4f}, decode threshold {td:.4f}")
+    return Variant(f"modes skip={target:.0%}", "modes", tp, td)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def experts_share(runner: Runner) -> dict[str, float]:
+    """Fraction of the ``modes tau=0`` prefill / decode time spent in ``modes::masked_experts``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner.use("modes", 0.0)
+    shares = {}
+    past, token = runner.prefill()
+    for phase, fn in (("prefill", runner.prefill), ("decode", lambda: runner.decode(past, token))):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            fn()
+            wall_us = (time.perf_counter() - start) * 1e6
+        experts_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "modes::masked_experts")
+        shares[phase] = experts_us / wall_us
+    return shares
+
+
+def run(cfg: BenchConfig, out_dir: Path, echo=print) -> dict:
+    """Run the benchmark; write ``speed.json`` and ``speed.png`` into ``out_dir``; return the result."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch._inductor.config.compile_threads = 1
+    torch._dynamo.config.recompile_limit = 64
+    start = time.perf_counter()
+    model = build_model(cfg)
+    runner = Runner(model, cfg)
+    echo(f"config: {asdict(cfg)}; {torch.get_num_threads()} torch threads")
+    variants = [Variant("eager", "eager"), Variant("dense", "dense"), Variant("modes tau=0", "modes")]
+    with torch.no_grad():
+        # Warm-up compiles the prefill and decode graphs, modes first: both callables share
+        # Dynamo's automatic-dynamic state, and a modes prefill graph traced dynamic-shaped
+        # (after the dense decode recompiles) gets layer 0 left unrewritten by the pass.
+        for v in (variants[0], variants[2], variants[1]):
+            runner.use(v.impl)
+            _, ms = _timed(lambda: runner.decode(*runner.prefill()))
+            echo(f"  warm-up {v.name}: {ms / 1e3:.1f} s (includes compilation)")
+        runner.check_every_site_rewritten()
+        variants += [calibrate(runner, s, echo) for s in SKIP_TARGETS]
+        samples = {v.name: {"prefill": [], "decode": []} for v in variants}
+        for _ in range(cfg.reps):
+            for v in variants:
+                _measure_once(runner, v, samples[v.name])
+        for v in variants:
+            v.prefill_ms = statistics.median(samples[v.name]["prefill"])
+            v.decode_ms = statistics.median(samples[v.name]["decode"])
+            _measure_memory(runner, v)
+        share = experts_share(runner)
+    result = _result(cfg, variants, share, time.perf_counter() - start)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "speed.json").write_text(json.dumps(result, indent=2))
+    echo(format_table(result))
+    plotted = plot(result, out_dir / "speed.png")
+    echo(f"wrote {out_dir / 'speed.json'}" + (f" and {plotted}" if plotted else " (no plot: pip install modes-fx[bench])"))
+    return result
+
+
+def _measure_once(runner: Runner, v: Variant, samples: dict) -> None:
+    """One timed prefill and one timed decode of variant ``v``; records the skip ratios read."""
+    import modes_fx
+
+    runner.use(v.impl, v.prefill_threshold)
+    with modes_fx.track() as prefill_stats:
+        (past, token), ms = _timed(runner.prefill)
+    samples["prefill"].append(ms)
+    runner.use(v.impl, v.decode_threshold)
+    with modes_fx.track() as decode_stats:
+        _, ms = _timed(runner.decode, past, token)
+    samples["decode"].append(ms)
+    v.prefill_skip, v.decode_skip = prefill_stats.skip_ratio, decode_stats.skip_ratio
+
+
+def _measure_memory(runner: Runner, v: Variant) -> None:
+    """Peak resident-set growth of one untimed prefill and decode of ``v`` (not during timing:
+    the sampling thread would compete for the interpreter)."""
+    runner.use(v.impl, v.prefill_threshold)
+    with PeakRSS() as mem:
+        past, token = runner.prefill()
+    v.prefill_peak_mib = mem.peak
+    runner.use(v.impl, v.decode_threshold)
+    with PeakRSS() as mem:
+        runner.decode(past, token)
+    v.decode_peak_mib = mem.peak
+
+
+def _amdahl(share: float, skip: float) -> float:
+    return 1.0 / ((1.0 - share) + share * (1.0 - skip))
+
+
+def _result(cfg: BenchConfig, variants: list[Variant], share: dict[str, float], seconds: float) -> dict:
+    dense = next(v for v in variants if v.name == "dense")
+    rows = []
+    for v in variants:
+        row = asdict(v)
+        for phase in ("prefill", "decode"):
+            row[f"{phase}_speedup_vs_dense"] = getattr(dense, f"{phase}_ms") / getattr(v, f"{phase}_ms")
+            skip = getattr(v, f"{phase}_skip")
+            row[f"{phase}_amdahl_bound"] = _amdahl(share[phase], skip) if skip == skip else None
+        rows.append(row)
+    return {
+        "config": asdict(cfg),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "experts_share": share,
+        "variants": rows,
+        "seconds": seconds,
+    }
+
+
+def format_table(result: dict) -> str:
+    """The result as a fixed-width text table (ms, ratios to the inductor dense baseline)."""
+    head = (
+        f"{'variant':<16}{'skip p/d':>12}{'prefill ms':>12}{'x dense':>9}{'bound':>7}"
+        f"{'decode ms':>11}{'x dense':>9}{'bound':>7}{'peak MiB p/d':>15}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in result["variants"]:
+        skip = "-" if r["impl"] != "modes" else f"{r['prefill_skip']:.3f}/{r['decode_skip']:.3f}"
+        bound = lambda b: "-" if b is None else f"{b:.2f}"  # noqa: E731
+        lines.append(
+            f"{r['name']:<16}{skip:>12}{r['prefill_ms']:>12.1f}{r['prefill_speedup_vs_dense']:>9.2f}"
+            f"{bound(r['prefill_amdahl_bound']):>7}{r['decode_ms']:>11.1f}{r['decode_speedup_vs_dense']:>9.2f}"
+            f"{bound(r['decode_amdahl_bound']):>7}{r['prefill_peak_mib']:>8.0f}/{r['decode_peak_mib']:<6.0f}"
+        )
+    share = result["experts_share"]
+    lines.append(f"experts share of dense (modes tau=0) time: prefill {share['prefill']:.1%}, decode {share['decode']:.1%}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path | None:
+    """Latency vs skip ratio (prefill and decode, modes rows; dense as a line) as PNG, or None
+    when matplotlib (the ``bench`` extra) is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError:
+        return None
+    rows = result["variants"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        modes = sorted((r[f"{phase}_skip"], r[f"{phase}_ms"]) for r in rows if r["impl"] == "modes")
+        ax.plot([s for s, _ in modes], [ms for _, ms in modes], "o-", label="backend=modes")
+        for r, style in zip((r for r in rows if r["impl"] != "modes"), ("--", ":")):
+            ax.axhline(r[f"{phase}_ms"], linestyle=style, color="gray", label=r["name"])
+        ax.set(title=phase, xlabel="measured skip ratio", ylabel="latency (ms)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``bench speed`` (shared by ``modes bench speed`` and ``python -m``)."""
+    p.add_argument("--quick", action="store_true", help="tiny config, eager inner compiler (< 1 minute)")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for speed.json and speed.png")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default: 3, quick 1)")
+
+
+def speed(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    cfg = QUICK if args.quick else FULL
+    if args.reps is not None:
+        cfg = BenchConfig(**{**asdict(cfg), "reps": args.reps})
+    run(cfg, args.out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m modes_fx.bench", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="action", required=True)
+    add_arguments(sub.add_parser("speed", help="latency of eager, inductor and modes at several skip ratios"))
+    return speed(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

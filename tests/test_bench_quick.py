@@ -1,0 +1,40 @@
+"""``modes bench speed --quick``: runs end to end and writes the documented outputs (no timings
+are asserted)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+from modes_fx import bench
+from modes_fx.cli import main
+
+NAMES = ["eager", "dense", "modes tau=0", "modes skip=50%", "modes skip=75%", "modes skip=88%"]
+
+
+def test_quick_speed_benchmark_outputs(tmp_path, capsys):
+    assert main(["bench", "speed", "--quick", "--out", str(tmp_path)]) == 0
+    stdout = capsys.readouterr().out
+    result = json.loads((tmp_path / "speed.json").read_text())
+
+    assert result["config"]["compiler"] == bench.QUICK.compiler
+    rows = {r["name"]: r for r in result["variants"]}
+    assert list(rows) == NAMES
+    for r in rows.values():
+        for key in ("prefill_ms", "decode_ms", "prefill_speedup_vs_dense", "decode_speedup_vs_dense"):
+            assert r[key] > 0 and math.isfinite(r[key]), (r["name"], key)
+        assert r["prefill_peak_mib"] >= 0 and r["decode_peak_mib"] >= 0
+        assert r["name"] in stdout
+    assert rows["dense"]["prefill_speedup_vs_dense"] == 1.0
+    assert rows["modes tau=0"]["prefill_skip"] == 0.0 and rows["modes tau=0"]["decode_skip"] == 0.0
+    for target in bench.SKIP_TARGETS:
+        r = rows[f"modes skip={target:.0%}"]
+        # the quick decode has few routed pairs: its reading is as close as their granularity allows
+        assert abs(r["prefill_skip"] - target) <= bench.SKIP_TOLERANCE
+        assert abs(r["decode_skip"] - target) <= 0.05
+        for phase in ("prefill", "decode"):
+            assert r[f"{phase}_amdahl_bound"] >= 1.0
+    assert 0 < result["experts_share"]["prefill"] <= 1 and 0 < result["experts_share"]["decode"] <= 1
+    assert "experts share" in stdout
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
