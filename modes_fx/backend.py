@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from modes_fx import runtime
+from modes_fx.passes.match_moe_sites import match_moe_sites
 from modes_fx.passes.rewrite_masked_dispatch import RewriteMaskedDispatch
 from modes_fx.passes.rewrite_sentinel_routing import RewriteSentinelRouting
 from modes_fx.report import GraphReport, Report
@@ -115,6 +116,7 @@ def modes_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | 
 
         _attach_from_options(as_schedule(options["schedule"]), example_inputs)
     report = GraphReport(index=len(_REPORT.graphs), num_nodes=len(gm.graph.nodes), inner=inner)
+    report.unsupported += match_moe_sites(gm.graph).unsupported  # routing the passes cannot take
     resolve = resolver_for(example_inputs)
     current = gm
     for pass_cls in PASSES:

@@ -190,9 +190,11 @@ def _region(graph: fx.Graph, routing: Routing) -> ExpertsRegion | str | None:
             f"external inputs {sorted(a.name for a in tensors)}"
         )
     gate_up, down = _order_expert_params(params)
-    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    # Under dynamic shapes Dynamo reuses symbolic sizes computed here in later layers: such
+    # non-tensor values may leave the region; exactly one tensor (the experts output) may.
+    outputs = [n for n in nodes if any(u not in inside for u in n.users) and isinstance(n.meta.get("example_value"), torch.Tensor)]
     if len(outputs) != 1:
-        return f"experts region {module} has {len(outputs)} outputs, expected 1"
+        return f"experts region {module} has {len(outputs)} tensor outputs, expected 1"
     targets = {str(n.target) for n in nodes}
     kind = "grouped_mm" if any("grouped_mm" in t for t in targets) else "batched_mm" if any("bmm" in t for t in targets) else "other"
     return ExpertsRegion(module, nodes, hidden.pop(), gate_up, down, outputs[0], kind)

@@ -36,5 +36,6 @@ class RewriteMaskedDispatch(SiteRewritePass):
         )
         region.output.replace_all_uses_with(out)
         for node in reversed(region.nodes):
-            graph.erase_node(node)
+            if not node.users:  # symbolic sizes later layers reuse stay
+                graph.erase_node(node)
         return Rewrite(site, region.module, "masked_dispatch", region.kind)

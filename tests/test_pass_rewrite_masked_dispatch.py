@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import modes_fx
+from modes_fx.backend import resolver_for
 from modes_fx.passes.match_moe_sites import match_moe_sites
 from modes_fx.passes.rewrite_masked_dispatch import RewriteMaskedDispatch
 from modes_fx.sites import find_moe_sites
@@ -149,3 +150,47 @@ def test_sigmoid_router_is_reported_unsupported_and_left_untouched():
     assert len(matches.unsupported) == 2
     assert all("sigmoid" in u.reason for u in matches.unsupported)
     assert not RewriteMaskedDispatch(graph.resolve)(graph.gm).modified
+
+
+def test_dynamic_shapes_graph_rewrites_every_layer():
+    """Under dynamic shapes Dynamo computes symbolic sizes inside layer 0's experts and reuses
+    them in later layers; layer 0 must still be rewritten (it once was silently skipped)."""
+    model = _attached("qwen3_moe", "grouped_mm", num_hidden_layers=3)
+    graphs = []
+
+    def backend(gm, example_inputs, **_):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=backend, dynamic=True)(**text_inputs(model))
+        (gm, example_inputs), = graphs
+        assert match_moe_sites(gm.graph).unsupported == []
+        result = RewriteMaskedDispatch(resolver_for(example_inputs))(gm)
+    finally:
+        torch._dynamo.reset()
+        modes_fx.detach(model)
+    counts = count_targets(result.graph_module)
+    assert counts[MASKED] == 3 and counts[ROUTE] == 3
+    assert [t for t in counts if any(d in t for d in DENSE_DISPATCH)] == []
+
+
+def test_backend_reports_routing_it_cannot_take():
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+        first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        max_position_embeddings=64,
+    )
+    model = DeepseekV3ForCausalLM._from_config(cfg, experts_implementation="grouped_mm").eval()
+    modes_fx.reset_report()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="modes", options={"inner": "eager"})(input_ids=torch.randint(0, 64, (1, 5)))
+    report = modes_fx.last_report()
+    assert report.rewrites == [] and len(report.unsupported) == 2
+    assert "sigmoid" in str(report)
