@@ -11,6 +11,7 @@ import torch
 import modes_fx
 from modes_fx import runtime
 
+from extra_models import extra_model
 from modes_fx.testing import build, image_inputs, text_inputs
 
 TESTS_DIR = os.path.dirname(__file__)
@@ -107,9 +108,7 @@ def test_unknown_modality_is_rejected(qwen3_moe):
 
 
 def test_model_without_moe_is_rejected():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    llama = extra_model("llama")
     with pytest.raises(ValueError, match="no MoE"):
         modes_fx.Schedule.constant(llama, tau={})
 

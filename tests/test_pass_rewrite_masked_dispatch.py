@@ -9,12 +9,20 @@ from modes_fx.passes.match_moe_sites import match_moe_sites
 from modes_fx.passes.rewrite_masked_dispatch import RewriteMaskedDispatch
 from modes_fx.sites import find_moe_sites
 
+from extra_models import extra_model
 from graph_capture import capture, count_targets, signature
 from modes_fx.testing import build, text_inputs
 
 MASKED = "modes.masked_experts.default"
 ROUTE = "modes.route_mask.default"
 DENSE_DISPATCH = ("grouped_mm", "bmm", "histc", "sort", "repeat_interleave")
+
+
+def _deepseek_v3():
+    """Two MoE layers with DeepSeek-V3's sigmoid grouped router (not supported yet)."""
+    model = extra_model("deepseek_v3", first_k_dense_replace=0, num_key_value_heads=4)  # MLA: kv heads = heads
+    model.set_experts_implementation("grouped_mm")
+    return model
 
 
 def _attached(name, impl, **overrides):
@@ -94,10 +102,7 @@ def test_rewritten_graph_computes_what_the_original_did(captured):
 
 
 def test_graph_without_moe_is_left_node_for_node():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(cfg).eval()
+    model = extra_model("llama")
     (graph,) = capture(model, {"input_ids": torch.randint(0, 64, (1, 5))})
     p = RewriteMaskedDispatch(graph.resolve)
     result = p(graph.gm)
@@ -135,15 +140,7 @@ def test_topk_outside_moe_modules_is_not_rewritten_nor_reported():
 
 
 def test_sigmoid_router_is_reported_unsupported_and_left_untouched():
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    cfg = DeepseekV3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-        first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-        max_position_embeddings=64,
-    )
-    model = DeepseekV3ForCausalLM._from_config(cfg, experts_implementation="grouped_mm").eval()
+    model = _deepseek_v3()
     (graph,) = capture(model, {"input_ids": torch.randint(0, 64, (1, 5))})
     matches = match_moe_sites(graph.gm.graph)
     assert matches.sites == []
@@ -178,15 +175,7 @@ def test_dynamic_shapes_graph_rewrites_every_layer():
 
 
 def test_backend_reports_routing_it_cannot_take():
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    cfg = DeepseekV3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-        first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-        max_position_embeddings=64,
-    )
-    model = DeepseekV3ForCausalLM._from_config(cfg, experts_implementation="grouped_mm").eval()
+    model = _deepseek_v3()
     modes_fx.reset_report()
     torch._dynamo.reset()
     with torch.no_grad():
