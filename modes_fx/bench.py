@@ -310,7 +310,7 @@ def run(cfg: BenchConfig, out_dir: Path, echo=print) -> dict:
         for v in variants:
             v.prefill_ms = statistics.median(samples[v.name]["prefill"])
             v.decode_ms = statistics.median(samples[v.name]["decode"])
-            _measure_memory(runner, v)
+            _measure_untimed(runner, v)
         share = experts_share(runner)
     result = _result(cfg, variants, share, time.perf_counter() - start)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,31 +322,30 @@ def run(cfg: BenchConfig, out_dir: Path, echo=print) -> dict:
 
 
 def _measure_once(runner: Runner, v: Variant, samples: dict) -> None:
-    """One timed prefill and one timed decode of variant ``v``; records the skip ratios read."""
+    """One timed prefill and one timed decode of variant ``v``. Nothing is tracked while timing
+    (``track()`` is a diagnostic with its own per-call cost, absent from the dense baseline);
+    :func:`_measure_untimed` reads the skip ratios of the same deterministic inputs."""
+    runner.use(v.impl, v.prefill_threshold)
+    (past, token), ms = _timed(runner.prefill)
+    samples["prefill"].append(ms)
+    runner.use(v.impl, v.decode_threshold)
+    _, ms = _timed(runner.decode, past, token)
+    samples["decode"].append(ms)
+
+
+def _measure_untimed(runner: Runner, v: Variant) -> None:
+    """Skip ratios (``track()``) and peak resident-set growth of one untimed prefill and decode
+    of ``v`` (not during timing: the sampling thread would compete for the interpreter)."""
     import modes_fx
 
     runner.use(v.impl, v.prefill_threshold)
-    with modes_fx.track() as prefill_stats:
-        (past, token), ms = _timed(runner.prefill)
-    samples["prefill"].append(ms)
-    runner.use(v.impl, v.decode_threshold)
-    with modes_fx.track() as decode_stats:
-        _, ms = _timed(runner.decode, past, token)
-    samples["decode"].append(ms)
-    v.prefill_skip, v.decode_skip = prefill_stats.skip_ratio, decode_stats.skip_ratio
-
-
-def _measure_memory(runner: Runner, v: Variant) -> None:
-    """Peak resident-set growth of one untimed prefill and decode of ``v`` (not during timing:
-    the sampling thread would compete for the interpreter)."""
-    runner.use(v.impl, v.prefill_threshold)
-    with PeakRSS() as mem:
+    with PeakRSS() as mem, modes_fx.track() as stats:
         past, token = runner.prefill()
-    v.prefill_peak_mib = mem.peak
+    v.prefill_peak_mib, v.prefill_skip = mem.peak, stats.skip_ratio
     runner.use(v.impl, v.decode_threshold)
-    with PeakRSS() as mem:
+    with PeakRSS() as mem, modes_fx.track() as stats:
         runner.decode(past, token)
-    v.decode_peak_mib = mem.peak
+    v.decode_peak_mib, v.decode_skip = mem.peak, stats.skip_ratio
 
 
 def _amdahl(share: float, skip: float) -> float:

@@ -9,7 +9,11 @@
   :func:`modes_fx.kernels.reference.masked_experts_reference`); its fake implementation only
   validates the arguments and returns an empty ``[T, H]`` tensor, so it traces with symbolic T.
 
-The ops have no autograd formula: rewritten graphs run under ``torch.no_grad()``.
+The ops are declared with ``torch.library.Library`` and implemented for the
+``CompositeExplicitAutograd`` key rather than with ``torch.library.custom_op``: the latter's Python
+autograd and aliasing wrappers cost ~30 µs per call, which over every MoE layer of every decode
+step is a measurable share of a CPU decode (docs/benchmarks.md). The ops have no autograd formula:
+rewritten graphs run under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,19 @@ from modes_fx.kernels.fast import masked_experts_fast
 from modes_fx.kernels.reference import keep_mask
 
 __all__ = ["masked_experts", "route_mask"]
+
+_LIB = torch.library.Library("modes", "DEF")  # noqa: TOR901  (kept alive for the process)
+_LIB.define(
+    "masked_experts(Tensor hidden, Tensor top_k_index, Tensor top_k_weights, Tensor keep, "
+    "Tensor gate_up_proj, Tensor down_proj, str activation) -> Tensor"
+)
+_LIB.define("route_mask(Tensor scores, Tensor router_weight) -> Tensor")
+
+
+def _raise_unless(condition: bool, message) -> None:
+    """``torch._check_value`` for concrete sizes, without its per-call overhead."""
+    if not condition:
+        raise ValueError(message())
 
 
 # --------------------------------------------------------------------------------------------
@@ -37,10 +54,12 @@ def _check_masked_experts_args(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     activation: str,
+    check=_raise_unless,
 ) -> None:
     """Raise ``ValueError`` naming the first inconsistent argument of ``modes::masked_experts``.
 
-    Works on real and fake tensors; with symbolic sizes the equalities become shape guards.
+    ``check`` is ``torch._check_value`` for fake tensors (with symbolic sizes the equalities
+    become runtime asserts rather than guards) and the cheaper ``_raise_unless`` for real ones.
     """
     op = "modes::masked_experts"
     for name, tensor, ndim, layout in (
@@ -51,28 +70,28 @@ def _check_masked_experts_args(
         ("gate_up_proj", gate_up_proj, 3, "[E, 2I, H]"),
         ("down_proj", down_proj, 3, "[E, H, I]"),
     ):
-        torch._check_value(
+        check(
             tensor.dim() == ndim,
             lambda name=name, tensor=tensor, layout=layout: (
                 f"{op}: {name} must be {layout}, got shape {tuple(tensor.shape)}"
             ),
         )
-    torch._check_value(
+    check(
         top_k_index.dtype == torch.int64,
         lambda: f"{op}: top_k_index must be int64, got {top_k_index.dtype}",
     )
-    torch._check_value(keep.dtype == torch.bool, lambda: f"{op}: keep must be bool, got {keep.dtype}")
-    torch._check_value(
+    check(keep.dtype == torch.bool, lambda: f"{op}: keep must be bool, got {keep.dtype}")
+    check(
         top_k_weights.is_floating_point(),
         lambda: f"{op}: top_k_weights must be floating point, got {top_k_weights.dtype}",
     )
-    torch._check_value(
+    check(
         activation in ACT2FN,
         lambda: f"{op}: unknown activation {activation!r} (not a transformers ACT2FN name)",
     )
 
     def same(what: str, a_name: str, a: int, b_name: str, b: int) -> None:
-        torch._check_value(
+        check(
             a == b, lambda: f"{op}: {what} mismatch: {a_name} is {a} but {b_name} is {b}"
         )
 
@@ -101,8 +120,7 @@ def _check_masked_experts_args(
     same("hidden size", "down_proj.shape[1]", down_hidden, "hidden.shape[1] (H)", hidden_size)
 
 
-@torch.library.custom_op("modes::masked_experts", mutates_args=())
-def masked_experts(
+def masked_experts_impl(
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
@@ -126,7 +144,7 @@ def masked_experts(
     )
 
 
-@masked_experts.register_fake
+@torch.library.register_fake("modes::masked_experts", lib=_LIB)
 def _masked_experts_fake(
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -137,16 +155,19 @@ def _masked_experts_fake(
     activation: str,
 ) -> torch.Tensor:
     _check_masked_experts_args(
-        hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj, activation
+        hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj, activation, torch._check_value
     )
     return hidden.new_empty(hidden.shape)
+
+
+_LIB.impl("masked_experts", masked_experts_impl, "CompositeExplicitAutograd")
+masked_experts = torch.ops.modes.masked_experts.default
 
 
 # --------------------------------------------------------------------------------------------
 # modes::route_mask
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("modes::route_mask", mutates_args=())
-def route_mask(scores: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+def route_mask_impl(scores: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     """Keep mask bool [T, k] of one MoE site for the current call.
 
     scores: π, float32 [T, k]; router_weight: the site's router weight [E, H], which identifies
@@ -162,6 +183,10 @@ def route_mask(scores: torch.Tensor, router_weight: torch.Tensor) -> torch.Tenso
     return keep
 
 
-@route_mask.register_fake
+@torch.library.register_fake("modes::route_mask", lib=_LIB)
 def _route_mask_fake(scores, router_weight):
     return torch.empty_like(scores, dtype=torch.bool)
+
+
+_LIB.impl("route_mask", route_mask_impl, "CompositeExplicitAutograd")
+route_mask = torch.ops.modes.route_mask.default

@@ -10,7 +10,8 @@ What makes it fast, with T tokens, k routed slots, P kept pairs and A active exp
 - the kept pairs are grouped by expert with one stable ``argsort`` (prefill) and the tokens are
   gathered once into a ``[P, H]`` buffer in expert order; for decode (``T <= DECODE_TOKENS``)
   there are at most ``DECODE_TOKENS * k`` pairs and they are grouped on the host from
-  ``keep.tolist()`` / ``top_k_index.tolist()``, with no nonzero, sort, bincount or gather kernels;
+  ``tolist()``, with no nonzero, sort, bincount or gather kernels, and a single-pair expert
+  accumulates with one ``add_(y, alpha=weight)``;
 - each active expert runs ``F.linear(x, gate_up_proj[e])`` on its rows only, the activation is
   fused in place (``act(gate).mul_(up)``), the down projection result is scaled in place by the
   pairs' routing weights, and one ``index_add_`` accumulates all ``P`` rows into the output;
@@ -37,19 +38,13 @@ def _act_mul(gate_up: torch.Tensor, intermediate: int, activation: str) -> torch
     return act.mul_(up)
 
 
-def _expert_rows(
-    x: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    weights: torch.Tensor,
-    activation: str,
-) -> torch.Tensor:
-    """One expert's MLP on its rows: ``weights[:, None] * down @ (act(gate @ x) * (up @ x))``.
+def _expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, activation: str) -> torch.Tensor:
+    """One expert's MLP on its rows: ``down @ (act(gate @ x) * (up @ x))``.
 
-    x: ``[n, H]``, gate_up: ``[2I, H]``, down: ``[H, I]``, weights: ``[n]`` (all in the weights'
-    compute dtype). Returns ``[n, H]``."""
+    x: ``[n, H]`` (the weights' compute dtype), gate_up: ``[2I, H]``, down: ``[H, I]``.
+    Returns ``[n, H]``, unscaled."""
     h = _act_mul(F.linear(x, gate_up), down.shape[-1], activation)
-    return F.linear(h, down).mul_(weights[:, None])
+    return F.linear(h, down)
 
 
 def masked_experts_fast(
@@ -71,7 +66,7 @@ def masked_experts_fast(
     out = hidden.new_zeros(hidden.shape)
     x_all = hidden.to(compute_dtype)
     if hidden.shape[0] <= DECODE_TOKENS:
-        return _decode(out, x_all, top_k_index, top_k_weights.to(compute_dtype), keep, gate_up_proj, down_proj, activation)
+        return _decode(out, x_all, top_k_index, top_k_weights, keep, gate_up_proj, down_proj, activation)
     pair = keep.reshape(-1).nonzero().squeeze(1)  # flat (token * k + slot) of kept pairs
     if pair.numel() == 0:
         return out
@@ -88,8 +83,8 @@ def masked_experts_fast(
     for expert, rows in enumerate(counts):
         if rows:
             end = start + rows
-            y[start:end] = _expert_rows(
-                x[start:end], gate_up_proj[expert], down_proj[expert], weights[start:end], activation
+            y[start:end] = _expert_mlp(x[start:end], gate_up_proj[expert], down_proj[expert], activation).mul_(
+                weights[start:end, None]
             )
             start = end
     return out.index_add_(0, tokens, y.to(out.dtype))
@@ -99,7 +94,7 @@ def _decode(
     out: torch.Tensor,
     x_all: torch.Tensor,
     top_k_index: torch.Tensor,
-    weights: torch.Tensor,
+    top_k_weights: torch.Tensor,
     keep: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
@@ -107,24 +102,26 @@ def _decode(
 ) -> torch.Tensor:
     """Few-token path (T <= DECODE_TOKENS, so at most ``DECODE_TOKENS * k`` pairs): the kept
     pairs are grouped by expert on the host (``tolist``, no sort, nonzero or gather kernels); an
-    expert with one pair reads its token row and routing weight as views (no gather, no
-    ``index_add_``); an expert with several pairs reads its weights once for all its rows.
+    expert with one pair reads its token row as a view and accumulates with one
+    ``add_(y, alpha=weight)`` (no gather, no weight tensor, no ``index_add_``); an expert with
+    several pairs reads its weights once for all its rows.
 
-    x_all: ``[T, H]`` and weights: ``[T, k]`` in the compute dtype; out: ``[T, H]`` zeros."""
-    groups: dict[int, list[tuple[int, int]]] = {}
-    for token, (experts, kept) in enumerate(zip(top_k_index.tolist(), keep.tolist())):
-        for slot, (expert, is_kept) in enumerate(zip(experts, kept)):
+    x_all: ``[T, H]`` in the compute dtype; top_k_weights: ``[T, k]``; out: ``[T, H]`` zeros."""
+    groups: dict[int, list[tuple[int, float]]] = {}
+    rows = zip(top_k_index.tolist(), keep.tolist(), top_k_weights.tolist())
+    for token, (experts, kept, weights) in enumerate(rows):
+        for expert, is_kept, weight in zip(experts, kept, weights):
             if is_kept:
-                groups.setdefault(expert, []).append((token, slot))
+                groups.setdefault(expert, []).append((token, weight))
     for expert in sorted(groups):  # the reference's accumulation order (matters in bf16)
         pairs = groups[expert]
         if len(pairs) == 1:
-            (token, slot), = pairs
-            x, w = x_all[token : token + 1], weights[token, slot : slot + 1]
-            out[token : token + 1].add_(_expert_rows(x, gate_up_proj[expert], down_proj[expert], w, activation).to(out.dtype))
+            (token, weight), = pairs
+            y = _expert_mlp(x_all[token : token + 1], gate_up_proj[expert], down_proj[expert], activation)
+            out[token : token + 1].add_(y.to(out.dtype), alpha=weight)
             continue
         tokens = torch.tensor([t for t, _ in pairs], device=out.device)
-        slots = torch.tensor([s for _, s in pairs], device=out.device)
-        y = _expert_rows(x_all[tokens], gate_up_proj[expert], down_proj[expert], weights[tokens, slots], activation)
-        out.index_add_(0, tokens, y.to(out.dtype))
+        weights = torch.tensor([w for _, w in pairs], dtype=x_all.dtype, device=out.device)
+        y = _expert_mlp(x_all[tokens], gate_up_proj[expert], down_proj[expert], activation)
+        out.index_add_(0, tokens, y.mul_(weights[:, None]).to(out.dtype))
     return out
