@@ -12,10 +12,10 @@ from modes_fx.calib import GridSpec, calibrate
 from modes_fx.testing import build, mixed_inputs
 
 TARGET = 0.5
-POINTS = 5
+POINTS = 4
 
 
-def _data(model, batches=2):
+def _data(model, batches=1):
     """Calibration items: mixed inputs, the last 2 text tokens of each row as the answer."""
     items = []
     for seed in range(batches):

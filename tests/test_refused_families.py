@@ -67,7 +67,8 @@ def test_backend_reports_the_routers_it_leaves_untouched(refused):
     assert torch.equal(got, expected)
 
 
-def test_unknown_router_kind_is_refused_at_attach():
-    model = extra_model("ernie4_5_moe")  # softmax router whose selection adds a bias
+@pytest.mark.parametrize("name", ["ernie4_5_moe", "minimax_m2"])  # selection bias; sigmoid without groups
+def test_unknown_router_kind_is_refused_at_attach(name):
+    model = extra_model(name)
     with pytest.raises(UnsupportedModelError, match=r"model\.layers\.1\.mlp: router model\.layers\.1\.mlp\.gate selects experts by a formula"):
         modes_fx.Schedule.constant(model, tau={"text": 0.1})
