@@ -60,8 +60,9 @@ class FrontierResult:
 
     Attributes:
         target: the target skip ratio ρ, in (0, 1).
-        best: the lowest-KL grid point with skip ≥ target (ties: lower skip, then smaller τ),
-            or None when the target is unreachable.
+        best: the lowest-KL grid point with skip ≥ target (ties: lower skip, then smaller τ);
+            for "coordinate" on more than two axes, a pairwise optimum (see the module
+            docstring); None when the target is unreachable.
         feasible: whether some grid point reaches the target (``best is not None``).
         evaluated: every point looked up during the call, for all targets of the call, in
             lookup order (the KL-vs-skip frontier to plot); shared by the results of one call.

@@ -481,12 +481,16 @@ _MIXED_ITEMS = {
 }
 
 
-def mixed_kinds(model: torch.nn.Module) -> tuple[str, ...]:
-    """The non-text kinds ``mixed_inputs`` puts in each row for ``model``, in row order."""
+def _mixed_items(model: torch.nn.Module) -> dict:
     items = _MIXED_ITEMS.get(type(model).__name__)
     if items is None:
         raise ValueError(f"mixed_inputs builds no inputs for {type(model).__name__}; known: {', '.join(_MIXED_ITEMS)}")
-    return tuple(items)
+    return items
+
+
+def mixed_kinds(model: torch.nn.Module) -> tuple[str, ...]:
+    """The non-text kinds ``mixed_inputs`` puts in each row for ``model``, in row order."""
+    return tuple(_mixed_items(model))
 
 
 def mixed_inputs(model: torch.nn.Module, batch: int = 1, seed: int = 0, pad: bool = False, text: int = 2) -> dict:
@@ -500,8 +504,7 @@ def mixed_inputs(model: torch.nn.Module, batch: int = 1, seed: int = 0, pad: boo
     per-item tensors concatenated over the rows (pixel_values, image_grid_thw,
     pixel_values_videos, video_grid_thw, video_second_per_grid, input_features,
     feature_attention_mask: whatever the kinds need)."""
-    builders = _MIXED_ITEMS.get(type(model).__name__)
-    mixed_kinds(model)
+    builders = _mixed_items(model)
     gen = torch.Generator().manual_seed(seed)
     rows, tensors = [], {}
     for row in range(batch):
