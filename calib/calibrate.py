@@ -1,6 +1,7 @@
 """``calibrate``: layer importance (GMLG) then frontier search (DMT) → a deployable Schedule.
 
-Cost: 1 reference pass + L·M ablation passes + O(D) search passes over the calibration data.
+Cost: 1 reference pass + L·M ablation passes + the search passes over the calibration data
+(≤ D_0 + D_1 for two columns; about R · (M - 1) · Σ D_m for M > 2 columns, see frontier.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from modes_fx.sites import model_fingerprint
 
 from .cache import DiskCache
 from .data import CalibrationBatch, fingerprint, prepare
-from .frontier import frontier_search
+from .frontier import frontier_search, search_mode
 from .grids import PAPER_POINTS, PAPER_X_MAX, tau_grid
 from .importance import importance_kls, normalise
 from .measure import Measurement
@@ -70,7 +71,7 @@ def calibrate(
     grid: GridSpec | None = None,
     cache_dir: str | os.PathLike | None = None,
     inner: str = "eager",
-    mode: str = "two_pointer",
+    mode: str = "auto",
     progress: bool = True,
 ) -> Schedule:
     """Calibrate a MoDES schedule for ``model`` on ``data`` reaching ``target_skip``.
@@ -78,7 +79,8 @@ def calibrate(
     data: calibration items (calib/data.py); modalities: schedule columns (default text plus
     vision/audio when present in the data); grid: τ grids (default: the paper's, D = 100);
     cache_dir: where the resumable cache lives (None: no cache); inner: the inner compiler of
-    the ``modes`` backend used for every pass; mode: "two_pointer" or "brute_force".
+    the ``modes`` backend used for every pass; mode: the frontier search ("auto": exact
+    two-pointer walk for ≤ 2 columns, coordinate-wise frontier steps for more; see frontier.py).
     The returned schedule records the searched KL (nats per answer token) and skip ratio."""
     _check_target(target_skip)
     grid = grid or GridSpec()
@@ -109,7 +111,7 @@ def calibrate(
             "batches": len(batches),
             "answer_tokens": sum(b.num_answer_tokens for b in batches),
             "grid": asdict(grid),
-            "search": mode,
+            "search": search_mode(mode, len(grids)),
             "passes": 1 + len(alpha) * len(modalities) + len(found.evaluated),
             "frontier": [[list(e.taus), e.kl, e.skip] for e in found.evaluated],
         },

@@ -11,6 +11,22 @@ is always the first feasible point of its row, so the O(D) walk provably returns
 as the O(D^M) brute force (a "higher skip wins" order could pick an interior point of a KL
 plateau that the walk never evaluates).
 
+Searches (``mode``):
+
+- "two_pointer", M = 2: the staircase walk, exact, ≤ D_0 + D_1 evaluations; M = 1: bisection,
+  exact, ≤ ⌈log2 D⌉ + 1 evaluations.
+- "coordinate", any M ≥ 1 (for more than two modalities, where an exact search must visit a
+  whole (M - 1)-dimensional frontier, O(D^(M-1)) points): coordinate-wise frontier steps. Start
+  at the largest thresholds; for each pair of axes (a, b) in turn, hold the other τ fixed and
+  move to the best point of that 2-D slice, found exactly by the staircase walk (≤ D_a + D_b
+  evaluations); repeat rounds over all pairs until a round moves nowhere. The point only moves to
+  better-ranked points, so the search ends, at a *pairwise optimum*: no point that differs from
+  it in at most two τ ranks before it. For M ≤ 2 that is the exact optimum. Cost: about
+  R · (M - 1) · Σ D_m evaluations for R rounds (the last round only re-reads the cache for
+  slices whose fixed τ did not change).
+- "brute_force": all Π D_m points, for verification.
+- "auto" (default): "two_pointer" for M ≤ 2, "coordinate" for more.
+
 Every evaluation goes through ``cache``: a dict keyed by the τ tuple (Python floats, the grid
 values themselves) holding ``(kl, skip)``. Persist it (e.g. JSON lists of
 ``[list(key), list(value)]``; floats round-trip exactly) and pass it back to resume.
@@ -26,7 +42,7 @@ from dataclasses import dataclass
 Taus = tuple[float, ...]
 Evaluate = Callable[[Taus], tuple[float, float]]
 Search = Callable[["_Lookup", list[list[float]], float], list["Evaluation"]]
-MODES = ("two_pointer", "brute_force")
+MODES = ("auto", "two_pointer", "coordinate", "brute_force")
 
 
 @dataclass(frozen=True)
@@ -44,8 +60,9 @@ class FrontierResult:
 
     Attributes:
         target: the target skip ratio ρ, in (0, 1).
-        best: the lowest-KL grid point with skip ≥ target (ties: lower skip, then smaller τ),
-            or None when the target is unreachable.
+        best: the lowest-KL grid point with skip ≥ target (ties: lower skip, then smaller τ);
+            for "coordinate" on more than two axes, a pairwise optimum (see the module
+            docstring); None when the target is unreachable.
         feasible: whether some grid point reaches the target (``best is not None``).
         evaluated: every point looked up during the call, for all targets of the call, in
             lookup order (the KL-vs-skip frontier to plot); shared by the results of one call.
@@ -64,7 +81,7 @@ def frontier_search(
     grids: Sequence[Sequence[float]],
     targets: float | Sequence[float],
     cache: MutableMapping[Taus, tuple[float, float]] | None = None,
-    mode: str = "two_pointer",
+    mode: str = "auto",
 ) -> FrontierResult | list[FrontierResult]:
     """Lowest-KL thresholds reaching each target skip ratio.
 
@@ -72,11 +89,11 @@ def frontier_search(
         evaluate: ``evaluate(taus) -> (kl, skip)`` with ``taus`` a tuple of M floats (one per
             axis, in ``grids`` order); KL finite, skip in [0, 1]. Called at most once per point.
         grids: M ascending τ grids, e.g. [text τ, vision τ]; each non-empty, strictly
-            ascending, values finite or +inf. M = 1 or 2 (brute_force: any M ≥ 1).
+            ascending, values finite or +inf. Any M ≥ 1 (two_pointer: M ≤ 2).
         targets: one target skip ratio in (0, 1), or a sequence of them (sharing evaluations).
         cache: dict τ tuple -> (kl, skip), read and filled in place; None for a private one.
-        mode: "two_pointer" (M = 2: staircase walk, ≤ D_0 + D_1 evaluations; M = 1: bisection,
-            ≤ ⌈log2 D⌉ + 1 evaluations) or "brute_force" (all Π D_m points, for verification).
+        mode: "auto", "two_pointer", "coordinate" or "brute_force" (see the module docstring:
+            exact for M ≤ 2; "coordinate" returns a pairwise optimum for M > 2).
 
     Returns one FrontierResult for a single target, else a list in ``targets`` order.
     Raises ValueError on a bad target, grid, mode or evaluate result (naming the τ), and
@@ -121,27 +138,57 @@ def _rank(point: Evaluation) -> tuple:
 
 
 def _staircase(lookup: _Lookup, axes: list[list[float]], target: float) -> list[Evaluation]:
-    """Feasible points of the two-axis walk; they include the optimum.
-
-    For text index i the smallest feasible visual index j*(i) is non-increasing in i, and the
-    optimum is some (i, j*(i)) with j*(i) < j*(i - 1) (any other feasible point ranks after one
-    of those). Start at (0, last); a feasible point lowers j, an infeasible one moves to the
-    next i, so the walk visits every such corner in at most D_0 + D_1 - 1 lookups (plus one for
-    the largest τ pair).
-    """
-    text, vision = axes
+    """Feasible points of the two-axis walk over the whole grid; they include the optimum."""
     if not _reachable(lookup, axes, target):
         return []
-    i, j = 0, len(vision) - 1
+    return _slice_staircase(lookup, axes, target, [len(axis) - 1 for axis in axes], 0, 1)
+
+
+def _slice_staircase(lookup: _Lookup, axes: list[list[float]], target: float, at: list[int], a: int, b: int) -> list[Evaluation]:
+    """Feasible points of the staircase walk over axes ``a`` < ``b``, the other axes held at the
+    grid indices ``at``; they include the optimum of that slice. The slice's largest point
+    (``a`` and ``b`` at their last index) must be feasible.
+
+    For index i on axis a the smallest feasible index j*(i) on axis b is non-increasing in i,
+    and the optimum is some (i, j*(i)) with j*(i) < j*(i - 1) (any other feasible point ranks
+    after one of those). Start at (0, last); a feasible point lowers j, an infeasible one moves
+    to the next i, so the walk visits every such corner in at most D_a + D_b - 1 lookups.
+    """
+    point_at = list(at)
+    i, j = 0, len(axes[b]) - 1
     feasible = []
-    while i < len(text) and j >= 0:
-        point = lookup((text[i], vision[j]))
+    while i < len(axes[a]) and j >= 0:
+        point_at[a], point_at[b] = i, j
+        point = lookup(tuple(axis[k] for axis, k in zip(axes, point_at)))
         if point.skip >= target:
             feasible.append(point)
             j -= 1
         else:
             i += 1
     return feasible
+
+
+def _coordinate(lookup: _Lookup, axes: list[list[float]], target: float) -> list[Evaluation]:
+    """Feasible points of the coordinate-wise frontier steps (module docstring); the best of
+    them is a pairwise optimum, the exact optimum for M ≤ 2."""
+    if len(axes) == 1:
+        return _bisect(lookup, axes, target)
+    if not _reachable(lookup, axes, target):
+        return []
+    at = [len(axis) - 1 for axis in axes]
+    best = lookup(_top(axes))
+    visited = [best]
+    moved = True
+    while moved:
+        moved = False
+        for a, b in itertools.combinations(range(len(axes)), 2):
+            found = _slice_staircase(lookup, axes, target, at, a, b)
+            visited += found
+            step = min(found, key=_rank)
+            if _rank(step) < _rank(best):
+                best, moved = step, True
+                at = [axis.index(tau) for axis, tau in zip(axes, step.taus)]
+    return visited
 
 
 def _bisect(lookup: _Lookup, axes: list[list[float]], target: float) -> list[Evaluation]:
@@ -173,17 +220,25 @@ def _every_point(lookup: _Lookup, axes: list[list[float]], target: float) -> lis
     return [point for point in points if point.skip >= target]
 
 
-def _search_function(mode: str, num_axes: int) -> Search:
-    if mode == "brute_force":
-        return _every_point
-    if mode != "two_pointer":
+def search_mode(mode: str, num_axes: int) -> str:
+    """The search ``mode`` runs on ``num_axes`` τ axes ("auto" resolved); ValueError for an
+    unknown mode, NotImplementedError for "two_pointer" on more than 2 axes."""
+    if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    if num_axes > 2:
+    if mode == "auto":
+        return "two_pointer" if num_axes <= 2 else "coordinate"
+    if mode == "two_pointer" and num_axes > 2:
         raise NotImplementedError(
-            f"two_pointer search supports 1 or 2 τ axes, got {num_axes}; "
-            'use mode="brute_force" (evaluates every grid point) for more modalities'
+            f"two_pointer search supports 1 or 2 τ axes, got {num_axes}; use mode=\"coordinate\" "
+            '(coordinate-wise frontier steps, a pairwise optimum) or "brute_force" (every grid point)'
         )
-    return _bisect if num_axes == 1 else _staircase
+    return mode
+
+
+def _search_function(mode: str, num_axes: int) -> Search:
+    mode = search_mode(mode, num_axes)
+    searches = {"brute_force": _every_point, "coordinate": _coordinate}
+    return searches.get(mode, _bisect if num_axes == 1 else _staircase)
 
 
 def _message(target: float, best: Evaluation | None, lookup: _Lookup, axes: list[list[float]]) -> str:

@@ -31,12 +31,16 @@ def _load_model(folder: str, experts_implementation: str):
 def _calibrate(args) -> int:
     from modes_fx.calib import GridSpec, calibrate
     from modes_fx.calib.files import load_data
+    from modes_fx.modality import COLUMN_NAMES
 
     model = _load_model(args.model, args.experts_implementation)
     grid = GridSpec(points=args.points, mapping=args.mapping)
     if args.tau_max is not None:
-        grid = GridSpec(points=args.points, mapping="linear", tau_max={c: args.tau_max for c in ("text", "vision", "audio")})
-    schedule = calibrate(model, load_data(args.data), target_skip=args.target_skip, grid=grid, cache_dir=args.cache_dir, inner=args.inner)
+        grid = GridSpec(points=args.points, mapping="linear", tau_max={c: args.tau_max for c in COLUMN_NAMES})
+    schedule = calibrate(
+        model, load_data(args.data), target_skip=args.target_skip, modalities=args.modalities, grid=grid,
+        cache_dir=args.cache_dir, inner=args.inner,
+    )
     schedule.save(args.out)
     print(schedule)
     print(f"saved {args.out}: KL {schedule.calibration['kl']:.4g} nats/answer token at skip {schedule.measured_skip:.3f}")
@@ -68,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, help="calibration data: .pt (torch.save list of dicts) or .jsonl")
     c.add_argument("--target-skip", type=float, default=0.88, help="fraction of routed pairs to skip, in (0, 1)")
     c.add_argument("--out", required=True, help="schedule JSON to write")
+    c.add_argument(
+        "--modalities", nargs="+", default=None, metavar="COLUMN",
+        help="schedule columns, e.g. text image video audio (default: text, plus vision / audio when the data has them)",
+    )
     c.add_argument("--points", type=int, default=100, help="grid points per modality (D)")
     c.add_argument("--mapping", choices=["exp", "linear"], default="exp", help="τ grid mapping (paper: exp)")
     c.add_argument("--tau-max", type=float, default=None, help="use a linear grid [0, TAU_MAX] for every modality")

@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields
 import torch
 
 from modes_fx.modality import GROUP_COLUMNS, TOKEN_KINDS, check_columns, special_token_ids
-from modes_fx.sites import MoESite, find_moe_sites, model_fingerprint
+from modes_fx.sites import MoESite, check_supported, find_moe_sites, model_fingerprint
 
 FORMAT_VERSION = 1
 _INF = "inf"  # how +inf τ is written: JSON has no infinity
@@ -324,6 +324,7 @@ def _check_list(name: str, value) -> None:
 
 
 def _sites_or_raise(model: torch.nn.Module) -> list[MoESite]:
+    check_supported(model)
     sites = find_moe_sites(model)
     if not sites:
         raise ValueError(f"{type(model).__name__} has no MoE sites (no experts module with a router found)")

@@ -69,6 +69,59 @@ def find_moe_sites(model: torch.nn.Module) -> list[MoESite]:
     return sites
 
 
+class UnsupportedModelError(ValueError):
+    """A model whose MoE blocks modes-fx does not rewrite; the message lists each block and why."""
+
+
+@dataclass(frozen=True)
+class UnsupportedBlock:
+    """An MoE block modes-fx leaves alone: its module path and why."""
+
+    path: str
+    reason: str
+
+
+# MoE block classes refused by name, with why: their dispatch has no form the rewrite can key on.
+REFUSED_BLOCKS = {
+    "Llama4TextMoe": (
+        "Llama4 MoE: every expert runs on every token (one dense bmm over all experts), and the "
+        "router's top-1 sigmoid score scales the expert *input*; a skipped pair would still be "
+        "computed, so skipping cannot save compute without a new dispatch"
+    ),
+    "Ernie4_5_VLMoeMoeBlock": (
+        "Ernie-4.5-VL MoE: separate text and vision expert groups (text_moe, vision_moe) each run on a "
+        "data-dependent subset of the tokens, and their routers select experts by softmax plus "
+        "e_score_correction_bias; modes-fx keys thresholds on one modality id per token of the call "
+        "and rewrites only routers that select by the routing weight itself"
+    ),
+}
+_UNKNOWN_ROUTER = (
+    "router {router} selects experts by a formula modes-fx does not know (neither softmax top-k nor "
+    "DeepSeek-V3 sigmoid grouped top-k when probed, e.g. a selection bias)"
+)
+
+
+def unsupported_moe_blocks(model: torch.nn.Module) -> list[UnsupportedBlock]:
+    """MoE blocks of ``model`` that modes-fx will not rewrite, in module order: blocks of a
+    refused family (``REFUSED_BLOCKS``) and, outside those, sites whose router is "unknown"."""
+    refused = [UnsupportedBlock(path, REFUSED_BLOCKS[type(m).__name__]) for path, m in model.named_modules() if type(m).__name__ in REFUSED_BLOCKS]
+    inside = tuple(f"{b.path}." for b in refused)
+    unknown = [
+        UnsupportedBlock(site.path, _UNKNOWN_ROUTER.format(router=site.router_path))
+        for site in find_moe_sites(model)
+        if site.router_kind == "unknown" and not site.path.startswith(inside)
+    ]
+    return refused + unknown
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Raise UnsupportedModelError listing every MoE block of ``model`` modes-fx will not rewrite."""
+    blocks = unsupported_moe_blocks(model)
+    if blocks:
+        listed = "\n".join(f"  {b.path}: {b.reason}" for b in blocks)
+        raise UnsupportedModelError(f"{type(model).__name__} is not supported by modes-fx; nothing was attached:\n{listed}")
+
+
 def site_parameters(model: torch.nn.Module, site: MoESite) -> dict[str, torch.nn.Parameter]:
     """The site's weights: ``router_weight`` [E, H], ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I].
 

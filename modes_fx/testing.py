@@ -9,7 +9,9 @@ compare ``modes_fx`` against it.
   "eager") set through transformers' own mechanism (``_from_config(..., experts_implementation=)``).
   Router weights are re-initialised with a seeded normal of std ``ROUTER_STD_SCALE / sqrt(H)``
   (router logits with std about 2), so top-k weights differ clearly across tokens.
-- ``text_inputs`` / ``image_inputs``: hand-built inputs (no tokenizer or processor needed).
+- ``text_inputs`` / ``image_inputs`` / ``mixed_inputs``: hand-built inputs (no tokenizer or
+  processor needed); ``mixed_inputs`` puts one item of every modality the model takes in each row
+  (InternVL: image; Qwen3-Omni-MoE thinker: image, video and audio).
 - ``remove_routed_experts(model, token_mask_fn)``: context manager zeroing the routed experts'
   output rows of the selected tokens in every MoE layer (shared experts still run).
 - ``modality_mask(model, kind)``: the token-mask function for a modality.
@@ -17,7 +19,8 @@ compare ``modes_fx`` against it.
 
 Token id layout of every tiny model (vocab 128): 0 pad, 1 bos, 2 eos, ordinary text ids
 ``[TEXT_ID_LOW, TEXT_ID_HIGH)``; Qwen3-VL-MoE also has image 120, video 121, vision_start 122,
-vision_end 123.
+vision_end 123; InternVL-MoE image 120; the Qwen3-Omni-MoE thinker image, video, vision
+start/end as Qwen3-VL-MoE and audio 124, audio_start 125, audio_end 126.
 """
 from __future__ import annotations
 
@@ -28,11 +31,16 @@ from collections.abc import Callable, Iterator
 import torch
 
 MODEL_NAMES = ("qwen3_vl_moe", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe")
+# Also built by ``build``; kept out of MODEL_NAMES, whose suites are parametrised over it.
+# internvl_moe: InternVL with a Qwen3-MoE language model (the InternVL-3.5 MoE family);
+# qwen3_omni_moe: the Qwen3-Omni-MoE thinker (text, image, video and audio tokens).
+MULTIMODAL_MOE_NAMES = ("internvl_moe", "qwen3_omni_moe")
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 
 VOCAB = 128
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 120, 121, 122, 123
+AUDIO_ID, AUDIO_START_ID, AUDIO_END_ID = 124, 125, 126
 TEXT_ID_LOW, TEXT_ID_HIGH = 3, 120  # ordinary text ids: [3, 120)
 
 HIDDEN = 64
@@ -46,6 +54,11 @@ ROUTER_STD_SCALE = 2.0  # router weight std = ROUTER_STD_SCALE / sqrt(hidden): l
 # becomes 4 * 6 / 2**2 = 6 placeholder tokens.
 PATCH_SIZE, TEMPORAL_PATCH_SIZE, SPATIAL_MERGE_SIZE, IN_CHANNELS = 4, 2, 2, 3
 IMAGE_GRID_THW = (1, 4, 6)
+# InternVL vision tower: 16×16 images, patch 4, pixel shuffle 0.5 → 4 placeholder tokens each.
+INTERNVL_IMAGE_SIZE, INTERNVL_PATCH_SIZE = 16, 4
+# Qwen3-Omni-MoE audio tower: 16 mel bins; AUDIO_FRAMES frames → 4 placeholder tokens (three
+# stride-2 convolutions). n_window must stay 50: the model's token count formula assumes it.
+AUDIO_MEL_BINS, AUDIO_FRAMES = 16, 32
 
 _COMMON_TEXT = dict(
     vocab_size=VOCAB,
@@ -145,7 +158,54 @@ def _config(name: str):
             norm_topk_prob=False,
             decoder_sparse_step=1,
         )
-    raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    if name == "internvl_moe":
+        return tf.InternVLConfig(
+            vision_config=dict(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                image_size=INTERNVL_IMAGE_SIZE,
+                patch_size=INTERNVL_PATCH_SIZE,
+                initializer_range=INIT_STD,
+            ),
+            text_config=_config("qwen3_moe"),
+            image_token_id=IMAGE_ID,
+            downsample_ratio=0.5,
+            tie_word_embeddings=False,
+            pad_token_id=PAD_ID,
+        )
+    if name == "qwen3_omni_moe":
+        vl = _config("qwen3_vl_moe")
+        text = dict(vl.text_config.to_dict(), norm_topk_prob=True)
+        audio = dict(
+            num_mel_bins=AUDIO_MEL_BINS,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            d_model=32,
+            output_dim=HIDDEN,
+            n_window=50,
+            n_window_infer=100,
+            downsample_hidden_size=8,
+            max_source_positions=64,
+            initializer_range=INIT_STD,
+        )
+        return tf.Qwen3OmniMoeThinkerConfig(
+            text_config=text,
+            vision_config=vl.vision_config.to_dict(),
+            audio_config=audio,
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            audio_token_id=AUDIO_ID,
+            vision_start_token_id=VISION_START_ID,
+            vision_end_token_id=VISION_END_ID,
+            audio_start_token_id=AUDIO_START_ID,
+            audio_end_token_id=AUDIO_END_ID,
+            initializer_range=INIT_STD,
+            pad_token_id=PAD_ID,
+        )
+    raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(MODEL_NAMES + MULTIMODAL_MOE_NAMES)}")
 
 
 def _model_class(name: str):
@@ -157,7 +217,23 @@ def _model_class(name: str):
         "mixtral": tf.MixtralForCausalLM,
         "olmoe": tf.OlmoeForCausalLM,
         "qwen2_moe": tf.Qwen2MoeForCausalLM,
+        "internvl_moe": tf.InternVLForConditionalGeneration,
+        "qwen3_omni_moe": tf.Qwen3OmniMoeThinkerForConditionalGeneration,
     }[name]
+
+
+# Models whose top-level class cannot take ``experts_implementation`` (transformers only lets
+# classes defined next to an experts module do that): set on the language model after building.
+_SET_EXPERTS_AFTER_BUILD = ("internvl_moe",)
+
+
+def _set_submodels_experts_implementation(model: torch.nn.Module, implementation: str) -> None:
+    """Set ``implementation`` on every sub-model (e.g. InternVL's language model) that takes one."""
+    from transformers import PreTrainedModel
+
+    for sub in model.modules():
+        if sub is not model and isinstance(sub, PreTrainedModel) and sub._can_set_experts_implementation():
+            sub.set_experts_implementation(implementation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,9 +304,12 @@ def build(
     if layer_types is not None and "layer_types" not in text_overrides and len(layer_types) != tcfg.num_hidden_layers:
         tcfg.layer_types = [layer_types[0]] * tcfg.num_hidden_layers  # tiny configs: one attention type
     cls = _model_class(name)
+    after = name in _SET_EXPERTS_AFTER_BUILD
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = cls._from_config(config, dtype=dtype, experts_implementation=experts_implementation)
+        model = cls._from_config(config, dtype=dtype, **({} if after else {"experts_implementation": experts_implementation}))
+    if after:
+        _set_submodels_experts_implementation(model, experts_implementation)
     model.eval()
 
     # transformers zero-initialises several routers (torch.zeros in __init__) and its
@@ -242,10 +321,12 @@ def build(
             w = router.weight
             std = ROUTER_STD_SCALE / math.sqrt(w.shape[-1])
             w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float32) * std)
-    # No parameter that matters may stay all-zero (biases and norms excepted).
-    for pname, p in model.named_parameters():
-        if p.dim() >= 2 and not torch.any(p != 0):
-            raise AssertionError(f"{name}: parameter {pname} is all zeros after init")
+    # No parameter that matters may stay all-zero (biases and norms excepted): transformers
+    # zero-initialises some (InternVL's vision cls_token and position embeddings); seeded normal.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not torch.any(p != 0):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * INIT_STD)
 
     got = current_experts_implementation(model)
     if got != experts_implementation:
@@ -356,6 +437,94 @@ def image_inputs(
     }
 
 
+def _internvl_image(model, gen: torch.Generator) -> tuple[list[int], dict]:
+    """Placeholder ids and the pixel_values [1, C, S, S] of one InternVL image."""
+    vcfg = model.config.vision_config
+    size, patch = vcfg.image_size[0], vcfg.patch_size[0]
+    count = int((size // patch) ** 2 * model.config.downsample_ratio**2)
+    pixels = torch.randn(1, vcfg.num_channels, size, size, generator=gen)
+    return [model.config.image_token_id] * count, {"pixel_values": pixels}
+
+
+def _omni_vision(model, kind: str, gen: torch.Generator) -> tuple[list[int], dict]:
+    """vision_start, placeholders, vision_end and the patches of one Qwen3-Omni image or video."""
+    cfg, vcfg = model.config, model.config.vision_config
+    t, h, w = IMAGE_GRID_THW
+    token = cfg.image_token_id if kind == "image" else cfg.video_token_id
+    ids = [cfg.vision_start_token_id] + [token] * (t * h * w // vcfg.spatial_merge_size**2) + [cfg.vision_end_token_id]
+    patches = torch.randn(t * h * w, vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2, generator=gen)
+    grid = torch.tensor([[t, h, w]])
+    if kind == "image":
+        return ids, {"pixel_values": patches, "image_grid_thw": grid}
+    return ids, {"pixel_values_videos": patches, "video_grid_thw": grid, "video_second_per_grid": torch.tensor([1.0])}
+
+
+def _omni_audio(model, gen: torch.Generator) -> tuple[list[int], dict]:
+    """audio_start, placeholders, audio_end and the mel features [1, mel, frames] of one clip."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+
+    cfg = model.config
+    count = int(_get_feat_extract_output_lengths(torch.tensor(AUDIO_FRAMES), cfg.audio_config.n_window))
+    ids = [cfg.audio_start_token_id] + [cfg.audio_token_id] * count + [cfg.audio_end_token_id]
+    features = torch.randn(1, cfg.audio_config.num_mel_bins, AUDIO_FRAMES, generator=gen)
+    return ids, {"input_features": features, "feature_attention_mask": torch.ones(1, AUDIO_FRAMES, dtype=torch.long)}
+
+
+# Items of each kind a model family takes, in row order: kind → item builder.
+_MIXED_ITEMS = {
+    "InternVLForConditionalGeneration": {"image": _internvl_image},
+    "Qwen3OmniMoeThinkerForConditionalGeneration": {
+        "image": lambda m, g: _omni_vision(m, "image", g),
+        "video": lambda m, g: _omni_vision(m, "video", g),
+        "audio": _omni_audio,
+    },
+}
+
+
+def _mixed_items(model: torch.nn.Module) -> dict:
+    items = _MIXED_ITEMS.get(type(model).__name__)
+    if items is None:
+        raise ValueError(f"mixed_inputs builds no inputs for {type(model).__name__}; known: {', '.join(_MIXED_ITEMS)}")
+    return items
+
+
+def mixed_kinds(model: torch.nn.Module) -> tuple[str, ...]:
+    """The non-text kinds ``mixed_inputs`` puts in each row for ``model``, in row order."""
+    return tuple(_mixed_items(model))
+
+
+def mixed_inputs(model: torch.nn.Module, batch: int = 1, seed: int = 0, pad: bool = False, text: int = 2) -> dict:
+    """Inputs with one item of every non-text kind the model takes in each row (``mixed_kinds``),
+    ``text`` ordinary text tokens before each item and after the last, built the way the
+    model's processor would (InternVL: image placeholders only; Qwen3-Omni-MoE thinker: each item
+    between its start and end tokens).
+
+    With ``pad``, row 0 has one more text token at the start than the other rows, which are
+    left-padded by one token to the same length. Returns input_ids, attention_mask and the
+    per-item tensors concatenated over the rows (pixel_values, image_grid_thw,
+    pixel_values_videos, video_grid_thw, video_second_per_grid, input_features,
+    feature_attention_mask: whatever the kinds need)."""
+    builders = _mixed_items(model)
+    gen = torch.Generator().manual_seed(seed)
+    rows, tensors = [], {}
+    for row in range(batch):
+        ids = torch.randint(TEXT_ID_LOW, TEXT_ID_HIGH, (1 if pad and row == 0 else 0,), generator=gen).tolist()
+        for build_item in builders.values():
+            ids += torch.randint(TEXT_ID_LOW, TEXT_ID_HIGH, (text,), generator=gen).tolist()
+            item_ids, item_tensors = build_item(model, gen)
+            ids += item_ids
+            for key, value in item_tensors.items():
+                tensors.setdefault(key, []).append(value)
+        rows.append(ids + torch.randint(TEXT_ID_LOW, TEXT_ID_HIGH, (text,), generator=gen).tolist())
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((batch, length), _pad_id(model), dtype=torch.long)
+    attention_mask = torch.zeros(batch, length, dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, length - len(ids):] = torch.tensor(ids)
+        attention_mask[row, length - len(ids):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **{k: torch.cat(v) for k, v in tensors.items()}}
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference: routed experts removed for selected tokens
 
@@ -365,27 +534,26 @@ TokenMaskFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 def modality_mask(model: torch.nn.Module, kind: str) -> TokenMaskFn:
     """Token-mask function ``(input_ids [B, S], attention_mask [B, S_total] | None) -> bool[B, S]``.
 
-    kind "text": attended tokens that are not image/video placeholders (vision_start/end count
-    as text); "image" / "video": the placeholder tokens of that kind; "all": every attended
-    token. Padding (attention_mask 0) is never selected. For a decode step, only the last S
-    columns of attention_mask are used."""
+    kind "text": attended tokens that are not image/video/audio placeholders (vision and audio
+    start/end count as text); "image" / "video" / "audio": the placeholder tokens of that kind;
+    "all": every attended token. Padding (attention_mask 0) is never selected. For a decode
+    step, only the last S columns of attention_mask are used."""
     cfg = model.config
-    image_id = getattr(cfg, "image_token_id", None)
-    video_id = getattr(cfg, "video_token_id", None)
-    if kind not in ("text", "image", "video", "all"):
+    placeholder_ids = {k: getattr(cfg, f"{k}_token_id", None) for k in ("image", "video", "audio")}
+    if kind not in ("text", "image", "video", "audio", "all"):
         raise ValueError(f"unknown kind {kind!r}")
 
     def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        is_image = input_ids == image_id if image_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
-        is_video = input_ids == video_id if video_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        is_kind = {
+            k: input_ids == token_id if token_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+            for k, token_id in placeholder_ids.items()
+        }
         if kind == "text":
-            sel = ~(is_image | is_video)
-        elif kind == "image":
-            sel = is_image
-        elif kind == "video":
-            sel = is_video
-        else:
+            sel = ~(is_kind["image"] | is_kind["video"] | is_kind["audio"])
+        elif kind == "all":
             sel = torch.ones_like(input_ids, dtype=torch.bool)
+        else:
+            sel = is_kind[kind]
         if attention_mask is not None:
             sel = sel & attention_mask[:, -input_ids.shape[1]:].to(torch.bool)
         return sel
@@ -470,6 +638,50 @@ def remove_routed_experts(
         for _, mod in experts:
             handles.append(mod.register_forward_hook(post_hook, with_kwargs=True))
         yield masks
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def skip_rule_reference(
+    model: torch.nn.Module, tau: dict[str, float], alpha: dict[str, list[float]]
+) -> Iterator[dict[str, dict[str, int]]]:
+    """An independent emulation of the MoDES rule on an uncompiled model (any experts
+    implementation): every call of ``model`` within the block drops each routed pair of a token of
+    kind m at MoE layer l with α[l, m] · π < τ[m] by zeroing its routing weight before the
+    experts module runs (no renormalisation). tau: kind → τ (kinds as in ``modality_mask``;
+    kinds not named are never skipped); alpha: kind → [α per MoE layer]. Padding is never skipped
+    nor counted. Yields per-kind counts ``{kind: {"skipped": n, "total": n}}`` of non-padding
+    pairs, filled as calls run."""
+    if is_compiled(model):
+        raise TypeError("skip_rule_reference needs an uncompiled model (hooks on a compiled model are ignored)")
+    kinds = list(tau)
+    counts = {kind: {"skipped": 0, "total": 0} for kind in kinds}
+    current: dict[str, torch.Tensor] = {}
+
+    def on_call(module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        for kind in kinds:
+            current[kind] = modality_mask(model, kind)(ids, mask).reshape(-1)
+
+    def make_hook(layer: int):
+        def drop_pairs(module, args):
+            hidden, index, weights = args
+            for kind in kinds:
+                rows = current[kind].to(weights.device)[:, None]
+                drop = rows & (alpha[kind][layer] * weights.float() < tau[kind])
+                counts[kind]["skipped"] += int(drop.sum())
+                counts[kind]["total"] += int(rows.sum()) * index.shape[1]
+                weights = weights.masked_fill(drop, 0)
+            return hidden, index, weights
+
+        return drop_pairs
+
+    handles = [model.register_forward_pre_hook(on_call, with_kwargs=True)]
+    handles += [m.register_forward_pre_hook(make_hook(l)) for l, (_, m) in enumerate(experts_modules(model))]
+    try:
+        yield counts
     finally:
         for h in handles:
             h.remove()

@@ -121,7 +121,7 @@ def _match_routing(topk: fx.Node) -> Routing | str:
     if not (is_call(source, _SOFTMAX) or is_method(source, {"softmax"})):
         if _has_upstream(source, _SIGMOID, depth=6):
             return "sigmoid router (DeepSeek-V3 / Kimi-VL style) is not supported yet"
-        return f"top-k input is {source.target!s}, not a softmax over router logits"
+        return _unsupported_selection(source)
     linear = strip_casts(source.args[0])
     if not is_call(linear, {F.linear, torch._C._nn.linear}) or len(linear.args) < 2:
         return "softmax input is not a router linear layer"
@@ -143,6 +143,15 @@ def _match_routing(topk: fx.Node) -> Routing | str:
     if len(users) == 1 and is_method(users[0], _CASTS):
         weights = users[0]
     return Routing(linear, router_weight, topk, indices, scores, weights, normalizes)
+
+
+def _unsupported_selection(source: fx.Node) -> str:
+    """Why a top-k whose input ``source`` is not a softmax is left alone, naming the known kinds."""
+    if is_call(source, {F.linear, torch._C._nn.linear}):
+        return "top-k of the raw router logits, scored after selection (Llama4 style: top-1 sigmoid, dense bmm over every expert) is not supported"
+    if is_call(source, {operator.add, torch.add}) and any(is_call(a, _SOFTMAX) or is_method(a, {"softmax"}) for a in source.all_input_nodes):
+        return "selection adds a bias to the softmax scores (Ernie-4.5 style e_score_correction_bias) is not supported"
+    return f"top-k input is {source.target!s}, not a softmax over router logits"
 
 
 def _renormalised(values: fx.Node) -> tuple[fx.Node, bool]:

@@ -32,6 +32,21 @@ EXTRA_MODELS = {
     "ernie4_5_moe": (tf.Ernie4_5_MoeForCausalLM, tf.Ernie4_5_MoeConfig, dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=16)),
     "minimax_m2": (tf.MiniMaxM2ForCausalLM, tf.MiniMaxM2Config, dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8)),
     "gpt_oss": (tf.GptOssForCausalLM, tf.GptOssConfig, dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8)),
+    # Families modes-fx refuses (sites.REFUSED_BLOCKS): Llama4 (dense bmm over all experts, top-1
+    # sigmoid) and Ernie-4.5-VL (separate text / vision expert groups, biased selection).
+    "llama4": (tf.Llama4ForCausalLM, tf.Llama4TextConfig, dict(
+        intermediate_size=32, intermediate_size_mlp=64, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+        attention_chunk_size=64,
+    )),
+    "ernie4_5_vl_moe": (tf.Ernie4_5_VLMoeForConditionalGeneration, tf.Ernie4_5_VLMoeConfig, dict(
+        text_config=dict(
+            _COMMON, moe_intermediate_size=[16, 16], moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
+        ),
+        vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=4, spatial_merge_size=2),
+        image_token_id=120, video_token_id=121, image_start_token_id=122, image_end_token_id=123,
+        video_start_token_id=124, video_end_token_id=125, tie_word_embeddings=False,
+    )),
 }
 
 
@@ -39,7 +54,8 @@ def extra_model(name: str, seed: int = 0, **config) -> torch.nn.Module:
     """An eval-mode tiny ``name`` model (see EXTRA_MODELS), config overridden by ``config``,
     weights seeded by ``seed``; the global torch RNG is left untouched."""
     model_cls, config_cls, family = EXTRA_MODELS[name]
-    cfg = config_cls(**{**_COMMON, **family, **config})
+    common = {} if "text_config" in family else _COMMON  # multimodal configs take them in text_config
+    cfg = config_cls(**{**common, **family, **config})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return model_cls(cfg).eval()

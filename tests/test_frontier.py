@@ -6,6 +6,7 @@ least its maximum so it lies in [0, 1] and may stay below 1 (unreachable targets
 computed directly from the arrays gives the expected optimum."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -212,10 +213,68 @@ def test_more_than_two_axes():
     def evaluate(taus):
         return sum(taus) / 4, sum(taus) / 4
 
-    with pytest.raises(NotImplementedError, match="1 or 2 τ axes, got 3"):
-        frontier_search(evaluate, grids, 0.5)
-    result = frontier_search(evaluate, grids, 0.5, mode="brute_force")
-    assert result.best == Evaluation((0.0, 1.0, 1.0), 0.5, 0.5)  # ties: smallest τ tuple
+    with pytest.raises(NotImplementedError, match="1 or 2 τ axes, got 3.*coordinate"):
+        frontier_search(evaluate, grids, 0.5, mode="two_pointer")
+    expected = Evaluation((0.0, 1.0, 1.0), 0.5, 0.5)  # ties: smallest τ tuple
+    assert frontier_search(evaluate, grids, 0.5, mode="brute_force").best == expected
+    assert frontier_search(evaluate, grids, 0.5).best == expected  # auto: coordinate
+
+
+def neighbours(surface: Surface, at: tuple[int, ...]) -> list[Evaluation]:
+    """Every grid point that differs from ``at`` in at most two axes."""
+    points = []
+    for a, b in itertools.combinations(range(len(at)), 2):
+        for i, j in itertools.product(range(len(surface.grids[a])), range(len(surface.grids[b]))):
+            other = list(at)
+            other[a], other[b] = i, j
+            points.append(surface.point(tuple(other)))
+    return points
+
+
+@SETTINGS
+@given(st.data())
+def test_coordinate_search_is_exact_on_two_axes(data):
+    surface = data.draw(surfaces())
+    target = data.draw(targets(surface))
+    result = frontier_search(surface.evaluate, surface.grids, target, mode="coordinate")
+    assert_matches_oracle(result, surface, target)
+    assert len(surface.calls) == len(set(surface.calls)) <= budget(surface)
+
+
+@SETTINGS
+@given(st.data(), st.integers(3, 4))
+def test_coordinate_search_finds_a_pairwise_optimum_on_more_axes(data, axes):
+    """Against brute force on small M-axis grids: feasible exactly when the grid is, never better
+    than the optimum, and no point differing from it in at most two τ ranks before it."""
+    surface = data.draw(surfaces(axes=axes, max_size=5))
+    target = data.draw(targets(surface))
+    result = frontier_search(surface.evaluate, surface.grids, target)  # auto → coordinate
+    optimum = surface.oracle(target)
+    assert result.feasible is (optimum is not None)
+    assert len(surface.calls) == len(set(surface.calls))
+    if optimum is None:
+        assert surface.calls == [tuple(g[-1] for g in surface.grids)]
+        return
+    best = result.best
+    at = tuple(i[t] for i, t in zip(surface.index, best.taus))
+    assert best == surface.point(at) and best.skip >= target
+    assert (best.kl, best.skip, best.taus) >= (optimum.kl, optimum.skip, optimum.taus)
+    rank = (best.kl, best.skip, best.taus)
+    assert not [p for p in neighbours(surface, at) if p.skip >= target and (p.kl, p.skip, p.taus) < rank]
+    assert {p.taus for p in result.evaluated} == set(surface.calls)
+
+
+def test_coordinate_search_steps_through_several_pairs():
+    """A 3-axis surface whose optimum needs moves on every pair: skip = Σ τ, KL weights the axes
+    1, 2, 3, so the optimum puts all the skip on axis 0; found from the largest thresholds."""
+    grids = [[0.0, 1.0, 2.0, 3.0]] * 3
+
+    def evaluate(taus):
+        return (taus[0] + 2 * taus[1] + 3 * taus[2]) / 20, sum(taus) / 9
+
+    result = frontier_search(evaluate, grids, 3 / 9, mode="coordinate")
+    assert result.best == Evaluation((3.0, 0.0, 0.0), 3 / 20, 3 / 9)
+    assert result.best == frontier_search(evaluate, grids, 3 / 9, mode="brute_force").best
 
 
 def _linear(taus):
