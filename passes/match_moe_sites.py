@@ -353,15 +353,13 @@ def match_moe_sites(graph: fx.Graph) -> Matches:
     topks = [n for n in graph.nodes if is_call(n, _TOPK) or is_method(n, {"topk"})]
     matched = {topk: _match_routing(topk) for topk in topks}
     helpers = {h for r in matched.values() if isinstance(r, Routing) for h in r.selection_topks}
-    seen_unsupported: set[str] = set()
+    refused: dict[str, str] = {}  # module → why; a router's last top-k (its final selection) says it best
     for topk, routing in matched.items():
         if topk in helpers:
             continue
         if isinstance(routing, str):
-            where = innermost_module(topk) or topk.name
-            if _in_moe_module(topk) and where not in seen_unsupported:
-                seen_unsupported.add(where)
-                found.unsupported.append(Unsupported(where, routing))
+            if _in_moe_module(topk):
+                refused[innermost_module(topk) or topk.name] = routing
             continue
         users = set(routing.indices.users)
         if any(is_modes_op(u) for u in routing.scores.users):
@@ -376,4 +374,5 @@ def match_moe_sites(graph: fx.Graph) -> Matches:
             found.sites.append(SiteMatch(routing, "graph_output"))
         else:
             found.unsupported.append(Unsupported(routing.module or topk.name, "top-k indices feed no recognised dispatch"))
+    found.unsupported = [Unsupported(where, why) for where, why in refused.items()] + found.unsupported
     return found
