@@ -5,10 +5,13 @@ Everything here uses transformers and torch only (no other ``modes_fx`` module),
 compare ``modes_fx`` against it.
 
 - ``build(name)``: an eval-mode, randomly initialised (seeded) tiny model of one of
-  ``MODEL_NAMES``, with the requested experts implementation ("grouped_mm", "batched_mm",
-  "eager") set through transformers' own mechanism (``_from_config(..., experts_implementation=)``).
+  ``MODEL_NAMES`` (softmax routers) or ``SIGMOID_MODEL_NAMES`` (DeepSeek-V3-style routers), with
+  the requested experts implementation ("grouped_mm", "batched_mm", "eager") set through
+  transformers' own mechanism (``_from_config(..., experts_implementation=)``, or the language
+  model's ``set_experts_implementation`` where the top-level class cannot set it).
   Router weights are re-initialised with a seeded normal of std ``ROUTER_STD_SCALE / sqrt(H)``
-  (router logits with std about 2), so top-k weights differ clearly across tokens.
+  (router logits with std about 2), so top-k weights differ clearly across tokens; correction
+  biases get a seeded normal of std ``CORRECTION_BIAS_STD``.
 - ``text_inputs`` / ``image_inputs``: hand-built inputs (no tokenizer or processor needed).
 - ``remove_routed_experts(model, token_mask_fn)``: context manager zeroing the routed experts'
   output rows of the selected tokens in every MoE layer (shared experts still run).
@@ -16,8 +19,8 @@ compare ``modes_fx`` against it.
 - ``greedy_generate``: deterministic, quick greedy decoding.
 
 Token id layout of every tiny model (vocab 128): 0 pad, 1 bos, 2 eos, ordinary text ids
-``[TEXT_ID_LOW, TEXT_ID_HIGH)``; Qwen3-VL-MoE also has image 120, video 121, vision_start 122,
-vision_end 123.
+``[TEXT_ID_LOW, TEXT_ID_HIGH)``; the multimodal ones (Qwen3-VL-MoE, Kimi-K2.5, GLM-4.5V-MoE)
+also have image 120, video 121, vision (GLM: image) start 122 and end 123.
 """
 from __future__ import annotations
 
