@@ -6,6 +6,11 @@ import operator
 
 import pytest
 import torch
+import transformers as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import fx
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 import modes_fx
 from modes_fx.passes.match_moe_sites import match_moe_sites
@@ -141,3 +146,57 @@ def test_eager_experts_router_graph_marks_pairs_below_threshold_with_the_sentine
     expected = torch.where((pi < threshold) & (mods[:, None] > 0), num_experts, index)
     assert torch.equal(marked, expected)
     assert (marked == num_experts).any() and (marked != num_experts).any()
+
+
+class _Values(fx.Interpreter):
+    """Runs a graph and keeps the value of the nodes in ``wanted``."""
+
+    def __init__(self, gm, wanted):
+        super().__init__(gm)
+        self.wanted, self.values = set(wanted), {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = out.clone()
+        return out
+
+
+@settings(max_examples=5, deadline=None)
+@given(
+    groups=st.sampled_from([(1, 1), (2, 1), (4, 2), (4, 4)]),
+    top_k=st.integers(1, 3),
+    normalizes=st.booleans(),
+    scale=st.floats(0.5, 3.0),
+    seed=st.integers(0, 2**16),
+)
+def test_matched_pi_is_the_unbiased_selected_sigmoid_score_renormalised_before_scaling(groups, top_k, normalizes, scale, seed):
+    """Property, on a bare DeepseekV3MoE block of random routing config: the matcher reads the
+    config off the graph (kind, renormalisation, scaling factor), and the π node evaluates to an
+    independent π — sigmoid(h Wᵀ) at the selected experts, no bias, renormalised iff configured —
+    with the dispatch weights = scale · π."""
+    n_group, topk_group = groups
+    config = tf.DeepseekV3Config(
+        hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, num_experts_per_tok=top_k,
+        n_group=n_group, topk_group=topk_group, routed_scaling_factor=scale, norm_topk_prob=normalizes,
+    )
+    config._experts_implementation = "grouped_mm"
+    gen = torch.Generator().manual_seed(seed)
+    block = DeepseekV3MoE(config).eval()
+    with torch.no_grad():
+        block.gate.weight.copy_(torch.randn(block.gate.weight.shape, generator=gen))
+        block.gate.e_score_correction_bias.copy_(torch.randn(8, generator=gen) * 0.3)
+    hidden = torch.randn(1, 6, 16, generator=gen)
+    (graph,) = capture(block, {"hidden_states": hidden})
+    (match,) = match_moe_sites(graph.gm.graph).sites
+    r = match.routing
+    assert (r.kind, r.normalizes, r.scale) == ("sigmoid_grouped_topk", normalizes, scale)
+    run = _Values(graph.gm, [r.scores, r.weights, r.indices])
+    with torch.no_grad():
+        run.run(*graph.example_inputs)
+    index = run.values[r.indices]
+    pi = torch.sigmoid(hidden.reshape(-1, 16) @ block.gate.weight.T).gather(1, index)
+    if normalizes:
+        pi = pi / pi.sum(-1, keepdim=True)
+    torch.testing.assert_close(run.values[r.scores], pi)
+    torch.testing.assert_close(run.values[r.weights], pi * scale)
