@@ -18,6 +18,7 @@ from modes_fx import runtime
 from modes_fx.testing import (
     EXPERTS_IMPLEMENTATIONS,
     SIGMOID_MODEL_NAMES,
+    SIGMOID_MOE_LAYERS,
     build,
     experts_modules,
     greedy_generate,
@@ -137,7 +138,12 @@ def test_tau_zero_inf_and_mid_thresholds_against_independent_references(name, im
     assert {r.site.router_kind for r in report.rewrites} == {"sigmoid_grouped_topk"}
     assert (got - dense).abs().max().item() <= 1e-5
     assert torch.equal(tokens, dense_tokens)
-    assert at_zero.calls > 0 and at_zero.skipped == 0
+    # every MoE layer of every call (forward, prefill, one decode step) went through modes:
+    # L·k pairs per non-padding token of the forward and the prefill, and per row when decoding
+    attended, rows = int(inputs["attention_mask"].sum()), inputs["input_ids"].shape[0]
+    top_k = model.config.get_text_config().num_experts_per_tok
+    assert at_zero.calls == 3 * SIGMOID_MOE_LAYERS
+    assert (at_zero.kept, at_zero.skipped) == (SIGMOID_MOE_LAYERS * top_k * (2 * attended + rows), 0)
 
     torch.testing.assert_close(got_removed, removed, rtol=1e-5, atol=1e-5)
     assert at_inf.by_modality[removed_kind] == 1.0
