@@ -49,6 +49,10 @@ class MoESite:
     has_shared_experts: bool
     activation: str  # transformers activation name of the experts (config.hidden_act)
     standard_layout: bool  # gated, concatenated [gate; up], not transposed, no bias, no post-expert norm
+    # Where π comes from: the router's weights are weight_scale · π, π being the selected
+    # (softmax or sigmoid) scores, renormalised when normalizes_top_k. 1 for softmax routers,
+    # routed_scaling_factor for the DeepSeek-V3 family (applied after skipping).
+    weight_scale: float = 1.0
 
 
 def find_moe_sites(model: torch.nn.Module) -> list[MoESite]:
@@ -190,7 +194,7 @@ def _find_router(block: torch.nn.Module, experts: torch.nn.Module, num_experts: 
 def _make_site(
     index: int, path: str, block: torch.nn.Module, router: _Router, experts_path: str, experts: torch.nn.Module
 ) -> MoESite:
-    kind, normalizes = _router_kind(router.module, router.top_k)
+    kind, normalizes, scale = _router_kind(router.module, router.top_k)
     return MoESite(
         index=index,
         path=path,
@@ -203,6 +207,7 @@ def _make_site(
         has_shared_experts=any(isinstance(getattr(block, n, None), torch.nn.Module) for n in _SHARED_EXPERTS_NAMES),
         activation=str(getattr(getattr(experts, "config", None), "hidden_act", "unknown")),
         standard_layout=_standard_layout(experts),
+        weight_scale=scale,
     )
 
 
@@ -221,18 +226,18 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 # Router behaviour
 
 
-def _router_kind(router: torch.nn.Module, top_k: int) -> tuple[str, bool]:
-    """(router_kind, normalizes_top_k), measured by running the router on a probe input.
+def _router_kind(router: torch.nn.Module, top_k: int) -> tuple[str, bool, float]:
+    """(router_kind, normalizes_top_k, weight_scale), measured by running the router on a probe input.
 
     softmax_topk: logits = h Wᵀ, indices = top-k of softmax(logits), weights = the selected
     probabilities, renormalised or not; a router holding a selection bias is never this kind.
     sigmoid_grouped_topk (routers with the DeepSeek-V3 attributes): weights = the selected
     sigmoid(logits), renormalised or not, times ``routed_scaling_factor``; the selection (bias,
-    groups) is not checked. Anything else is "unknown"."""
+    groups) is not checked. Anything else is "unknown" (weight_scale 1)."""
     grouped = all(hasattr(router, a) for a in _GROUPED_SIGMOID_ATTRS)
     probe = None if not grouped and _has_selection_bias(router) else _probe(router, top_k)
     if probe is None:
-        return "unknown", False
+        return "unknown", False, 1.0
     logits, weights, index = probe
     if grouped:
         kind, scores, scale = "sigmoid_grouped_topk", logits.sigmoid(), float(getattr(router, "routed_scaling_factor", 1.0))
@@ -240,9 +245,9 @@ def _router_kind(router: torch.nn.Module, top_k: int) -> tuple[str, bool]:
         kind, scores, scale = "softmax_topk", logits.softmax(dim=-1), 1.0
     picked = scores.gather(1, index)
     if not grouped and not _selects_top_k(scores, picked):
-        return "unknown", False
+        return "unknown", False, 1.0
     normalizes = _normalizes(router, weights / scale, picked)
-    return ("unknown", False) if normalizes is None else (kind, normalizes)
+    return ("unknown", False, 1.0) if normalizes is None else (kind, normalizes, scale)
 
 
 def _normalizes(router: torch.nn.Module, weights: torch.Tensor, picked: torch.Tensor) -> bool | None:

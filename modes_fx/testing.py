@@ -5,10 +5,13 @@ Everything here uses transformers and torch only (no other ``modes_fx`` module),
 compare ``modes_fx`` against it.
 
 - ``build(name)``: an eval-mode, randomly initialised (seeded) tiny model of one of
-  ``MODEL_NAMES``, with the requested experts implementation ("grouped_mm", "batched_mm",
-  "eager") set through transformers' own mechanism (``_from_config(..., experts_implementation=)``).
+  ``MODEL_NAMES`` (softmax routers) or ``SIGMOID_MODEL_NAMES`` (DeepSeek-V3-style routers), with
+  the requested experts implementation ("grouped_mm", "batched_mm", "eager") set through
+  transformers' own mechanism (``_from_config(..., experts_implementation=)``, or the language
+  model's ``set_experts_implementation`` where the top-level class cannot set it).
   Router weights are re-initialised with a seeded normal of std ``ROUTER_STD_SCALE / sqrt(H)``
-  (router logits with std about 2), so top-k weights differ clearly across tokens.
+  (router logits with std about 2), so top-k weights differ clearly across tokens; correction
+  biases get a seeded normal of std ``CORRECTION_BIAS_STD``.
 - ``text_inputs`` / ``image_inputs`` / ``mixed_inputs``: hand-built inputs (no tokenizer or
   processor needed); ``mixed_inputs`` puts one item of every modality the model takes in each row
   (InternVL: image; Qwen3-Omni-MoE thinker: image, video and audio).
@@ -18,13 +21,15 @@ compare ``modes_fx`` against it.
 - ``greedy_generate``: deterministic, quick greedy decoding.
 
 Token id layout of every tiny model (vocab 128): 0 pad, 1 bos, 2 eos, ordinary text ids
-``[TEXT_ID_LOW, TEXT_ID_HIGH)``; Qwen3-VL-MoE also has image 120, video 121, vision_start 122,
-vision_end 123; InternVL-MoE image 120; the Qwen3-Omni-MoE thinker image, video, vision
-start/end as Qwen3-VL-MoE and audio 124, audio_start 125, audio_end 126.
+``[TEXT_ID_LOW, TEXT_ID_HIGH)``; the multimodal ones (Qwen3-VL-MoE, Kimi-K2.5, GLM-4.5V-MoE)
+also have image 120, video 121, vision (GLM: image) start 122 and end 123; InternVL-MoE image 120;
+the Qwen3-Omni-MoE thinker image, video, vision start/end as Qwen3-VL-MoE and audio 124,
+audio_start 125, audio_end 126.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator
 
@@ -35,6 +40,13 @@ MODEL_NAMES = ("qwen3_vl_moe", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe")
 # internvl_moe: InternVL with a Qwen3-MoE language model (the InternVL-3.5 MoE family);
 # qwen3_omni_moe: the Qwen3-Omni-MoE thinker (text, image, video and audio tokens).
 MULTIMODAL_MOE_NAMES = ("internvl_moe", "qwen3_omni_moe")
+# DeepSeek-V3-style routers (sigmoid scores, selection-only correction bias, grouped top-k,
+# renormalisation, routed scaling factor, shared experts); ``build`` makes these too. Their
+# first layer is dense (first_k_dense_replace = 1), so they have SIGMOID_MOE_LAYERS MoE layers.
+SIGMOID_MODEL_NAMES = ("deepseek_v3", "kimi_k25", "glm4v_moe")
+SIGMOID_MOE_LAYERS = 2
+ROUTED_SCALING_FACTOR = 2.5
+CORRECTION_BIAS_STD = 0.3  # e_score_correction_bias std: changes which experts are selected
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 
 VOCAB = 128
@@ -77,8 +89,108 @@ _COMMON_TEXT = dict(
 )
 
 
+# DeepSeek-V3 text model (also Kimi-K2.5's language model): 4 groups of 2 experts, 2 groups
+# kept, so the grouped selection matters; MLA attention.
+_DEEPSEEK_V3_TEXT = dict(
+    {k: v for k, v in _COMMON_TEXT.items() if k != "head_dim"},
+    num_hidden_layers=1 + SIGMOID_MOE_LAYERS,
+    num_key_value_heads=4,  # MLA: as many kv heads as heads
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    n_routed_experts=NUM_EXPERTS,
+    num_experts_per_tok=TOP_K,
+    n_group=4,
+    topk_group=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    routed_scaling_factor=ROUTED_SCALING_FACTOR,
+    norm_topk_prob=True,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+)
+
+
+def _sigmoid_config(name: str):
+    import transformers as tf
+
+    if name == "deepseek_v3":
+        return tf.DeepseekV3Config(**_DEEPSEEK_V3_TEXT)
+    if name == "kimi_k25":
+        vision = dict(
+            patch_size=PATCH_SIZE,
+            pos_emb_height=8,
+            pos_emb_width=8,
+            pos_emb_time=2,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            hidden_size=32,
+            intermediate_size=64,
+            merge_kernel_size=[SPATIAL_MERGE_SIZE, SPATIAL_MERGE_SIZE],
+            rope_parameters={"rope_type": "axial", "rope_theta": 10000.0},
+            initializer_range=INIT_STD,
+        )
+        return tf.Kimi_K25Config(
+            text_config=dict(_DEEPSEEK_V3_TEXT, model_type="deepseek_v3"),
+            vision_config=vision,
+            projection_hidden_size=32,
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            vision_start_token_id=VISION_START_ID,
+            vision_end_token_id=VISION_END_ID,
+            tie_word_embeddings=False,
+        )
+    if name == "glm4v_moe":
+        text = dict(
+            _COMMON_TEXT,
+            num_hidden_layers=1 + SIGMOID_MOE_LAYERS,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=NUM_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=ROUTED_SCALING_FACTOR,
+            norm_topk_prob=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5},
+        )
+        vision = dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            in_channels=IN_CHANNELS,
+            image_size=4 * PATCH_SIZE,
+            patch_size=PATCH_SIZE,
+            temporal_patch_size=TEMPORAL_PATCH_SIZE,
+            spatial_merge_size=SPATIAL_MERGE_SIZE,
+            out_hidden_size=HIDDEN,
+            initializer_range=INIT_STD,
+        )
+        return tf.Glm4vMoeConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            image_start_token_id=VISION_START_ID,
+            image_end_token_id=VISION_END_ID,
+            video_start_token_id=VISION_START_ID,
+            video_end_token_id=VISION_END_ID,
+            tie_word_embeddings=False,
+        )
+    return None
+
+
 def _config(name: str):
     import transformers as tf
+
+    sigmoid = _sigmoid_config(name)
+    if sigmoid is not None:
+        return sigmoid
 
     if name == "qwen3_vl_moe":
         text = dict(
@@ -205,7 +317,7 @@ def _config(name: str):
             initializer_range=INIT_STD,
             pad_token_id=PAD_ID,
         )
-    raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(MODEL_NAMES + MULTIMODAL_MOE_NAMES)}")
+    raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(MODEL_NAMES + MULTIMODAL_MOE_NAMES + SIGMOID_MODEL_NAMES)}")
 
 
 def _model_class(name: str):
@@ -219,21 +331,10 @@ def _model_class(name: str):
         "qwen2_moe": tf.Qwen2MoeForCausalLM,
         "internvl_moe": tf.InternVLForConditionalGeneration,
         "qwen3_omni_moe": tf.Qwen3OmniMoeThinkerForConditionalGeneration,
+        "deepseek_v3": tf.DeepseekV3ForCausalLM,
+        "kimi_k25": tf.Kimi_K25ForConditionalGeneration,
+        "glm4v_moe": tf.Glm4vMoeForConditionalGeneration,
     }[name]
-
-
-# Models whose top-level class cannot take ``experts_implementation`` (transformers only lets
-# classes defined next to an experts module do that): set on the language model after building.
-_SET_EXPERTS_AFTER_BUILD = ("internvl_moe",)
-
-
-def _set_submodels_experts_implementation(model: torch.nn.Module, implementation: str) -> None:
-    """Set ``implementation`` on every sub-model (e.g. InternVL's language model) that takes one."""
-    from transformers import PreTrainedModel
-
-    for sub in model.modules():
-        if sub is not model and isinstance(sub, PreTrainedModel) and sub._can_set_experts_implementation():
-            sub.set_experts_implementation(implementation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,13 +405,16 @@ def build(
     if layer_types is not None and "layer_types" not in text_overrides and len(layer_types) != tcfg.num_hidden_layers:
         tcfg.layer_types = [layer_types[0]] * tcfg.num_hidden_layers  # tiny configs: one attention type
     cls = _model_class(name)
-    after = name in _SET_EXPERTS_AFTER_BUILD
+    settable = cls._can_set_experts_implementation()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = cls._from_config(config, dtype=dtype, **({} if after else {"experts_implementation": experts_implementation}))
-    if after:
-        _set_submodels_experts_implementation(model, experts_implementation)
+        model = cls._from_config(config, dtype=dtype, **({"experts_implementation": experts_implementation} if settable else {}))
     model.eval()
+    if not settable:
+        # transformers only lets a class set its experts implementation when its own module uses
+        # @use_experts_implementation; Kimi-K2.5's experts live in its DeepSeek-V3 language model
+        # (and default to "eager" otherwise), so set it there.
+        _experts_owner(model).set_experts_implementation(experts_implementation)
 
     # transformers zero-initialises several routers (torch.zeros in __init__) and its
     # _init_weights gives std 0.02: near-uniform softmax. Give every router a seeded normal of
@@ -321,6 +425,11 @@ def build(
             w = router.weight
             std = ROUTER_STD_SCALE / math.sqrt(w.shape[-1])
             w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float32) * std)
+            # DeepSeek-V3-style routers start with a zero correction bias; a seeded non-zero one
+            # makes selection (biased) and weights (unbiased) differ, as in trained models.
+            bias = getattr(router, "e_score_correction_bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(torch.randn(bias.shape, generator=gen, dtype=torch.float32) * CORRECTION_BIAS_STD)
     # No parameter that matters may stay all-zero (biases and norms excepted): transformers
     # zero-initialises some (InternVL's vision cls_token and position embeddings); seeded normal.
     with torch.no_grad():
@@ -332,6 +441,14 @@ def build(
     if got != experts_implementation:
         raise AssertionError(f"{name}: asked for experts_implementation={experts_implementation!r}, got {got!r}")
     return model
+
+
+def _experts_owner(model: torch.nn.Module) -> torch.nn.Module:
+    """The outermost pretrained submodel of ``model`` whose class can set its experts implementation."""
+    for module in model.modules():
+        if hasattr(module, "set_experts_implementation") and type(module)._can_set_experts_implementation():
+            return module
+    raise AssertionError(f"{type(model).__name__} has no submodel whose experts implementation can be set")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,8 +486,22 @@ def _pad_id(model) -> int:
     return 0 if pad is None else int(pad)
 
 
+def _merge_size(vision_config) -> int:
+    """Side of the square patch block merged into one image token (Qwen/GLM spatial_merge_size,
+    Kimi merge_kernel_size)."""
+    kernel = getattr(vision_config, "merge_kernel_size", None)
+    return int(kernel[0]) if kernel is not None else int(vision_config.spatial_merge_size)
+
+
+def _vision_delimiters(config) -> tuple[int, int]:
+    """(start, end) token ids around an image: vision_start/end (Qwen, Kimi) or image_start/end (GLM)."""
+    if getattr(config, "vision_start_token_id", None) is not None:
+        return config.vision_start_token_id, config.vision_end_token_id
+    return config.image_start_token_id, config.image_end_token_id
+
+
 def image_token_count(model, grid_thw=IMAGE_GRID_THW) -> int:
-    merge = model.config.vision_config.spatial_merge_size
+    merge = _merge_size(model.config.vision_config)
     t, h, w = grid_thw
     return t * h * w // merge**2
 
@@ -384,22 +515,25 @@ def image_inputs(
     text_before: int = 3,
     text_after: int = 4,
 ) -> dict:
-    """Inputs with one image per row, for qwen3_vl_moe, built the way its processor would.
+    """Inputs with one image per row, for qwen3_vl_moe, glm4v_moe and kimi_k25, built the way
+    their processors would.
 
     Row layout: [pad…] text×text_before, vision_start, image×n, vision_end, text×text_after, with
-    n = prod(grid_thw) / spatial_merge_size**2. With ``pad``, row 0 has one more text token
-    before the image than the other rows, which are left-padded by one token to the same length.
-    Returns input_ids, attention_mask, pixel_values [batch·t·h·w, C·tps·ps·ps], image_grid_thw
-    int64[batch, 3] and mm_token_type_ids (1 on image tokens, 0 elsewhere: what the processor's
-    ``create_mm_token_type_ids`` returns and what the model's M-RoPE needs)."""
+    n = prod(grid_thw) / merge**2 (GLM names the delimiters image_start/end). With ``pad``, row
+    0 has one more text token before the image than the other rows, which are left-padded by one
+    token to the same length. Returns input_ids, attention_mask, pixel_values (Qwen/GLM:
+    [batch·t·h·w, C·tps·ps·ps]; Kimi: [batch·t·h·w, 3, ps, ps]), image_grid_thw int64[batch, 3]
+    and, for models whose forward takes it, mm_token_type_ids (1 on image tokens, 0 elsewhere:
+    what the processor's ``create_mm_token_type_ids`` returns and what M-RoPE needs)."""
     cfg = model.config
     if getattr(cfg, "image_token_id", None) is None or getattr(cfg, "vision_config", None) is None:
         raise ValueError(f"{type(model).__name__} takes no images")
     vcfg = cfg.vision_config
     t, h, w = grid_thw
-    merge = vcfg.spatial_merge_size
+    merge = _merge_size(vcfg)
     if h % merge or w % merge:
-        raise ValueError(f"grid {grid_thw} not divisible by spatial_merge_size {merge}")
+        raise ValueError(f"grid {grid_thw} not divisible by the merge size {merge}")
+    start_id, end_id = _vision_delimiters(cfg)
     n_img = t * h * w // merge**2
     gen = torch.Generator().manual_seed(seed)
     pad_id = _pad_id(model)
@@ -409,9 +543,9 @@ def image_inputs(
         before = text_before + (1 if (pad and row == 0) else 0)
         ids = (
             torch.randint(TEXT_ID_LOW, TEXT_ID_HIGH, (before,), generator=gen).tolist()
-            + [cfg.vision_start_token_id]
+            + [start_id]
             + [cfg.image_token_id] * n_img
-            + [cfg.vision_end_token_id]
+            + [end_id]
             + torch.randint(TEXT_ID_LOW, TEXT_ID_HIGH, (text_after,), generator=gen).tolist()
         )
         rows.append(ids)
@@ -425,16 +559,21 @@ def image_inputs(
     mm_token_type_ids[input_ids == cfg.image_token_id] = 1
     mm_token_type_ids[input_ids == cfg.video_token_id] = 2
 
-    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
-    pixel_values = torch.randn(batch * t * h * w, patch_dim, generator=gen)
+    if hasattr(vcfg, "temporal_patch_size"):
+        patch_shape = (vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2,)
+    else:  # Kimi: one RGB patch per row, embedded by a Conv2d
+        patch_shape = (3, vcfg.patch_size, vcfg.patch_size)
+    pixel_values = torch.randn(batch * t * h * w, *patch_shape, generator=gen)
     image_grid_thw = torch.tensor([list(grid_thw)] * batch, dtype=torch.long)
-    return {
+    inputs = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "pixel_values": pixel_values,
         "image_grid_thw": image_grid_thw,
-        "mm_token_type_ids": mm_token_type_ids,
     }
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        inputs["mm_token_type_ids"] = mm_token_type_ids
+    return inputs
 
 
 def _internvl_image(model, gen: torch.Generator) -> tuple[list[int], dict]:

@@ -76,6 +76,13 @@ def resolve_site(resolve: Resolver, routing: Routing, region: ExpertsRegion | No
     if role is None or role.role != "router_weight":
         return "router weight belongs to no attached model (call modes_fx.attach(model, schedule) or pass options={'schedule': ...})"
     site = role.state.sites[role.site]
+    traced = (routing.kind, routing.normalizes, routing.scale)
+    probed = (site.router_kind, site.normalizes_top_k, site.weight_scale)
+    if traced != probed:
+        return (
+            f"router of {site.path} traces as (kind, renormalised, scale) = {traced} but behaves as {probed} "
+            "when probed: π would be misread"
+        )
     if region is not None:
         for node, expected in ((region.gate_up_proj, "gate_up_proj"), (region.down_proj, "down_proj")):
             got = resolve(node)

@@ -1,7 +1,7 @@
 """Tiny randomly initialised models of families ``modes_fx.testing`` does not build.
 
 ``modes_fx.testing.build`` covers ``MODEL_NAMES`` (Qwen3-VL-MoE, Qwen3-MoE, Mixtral, OLMoE,
-Qwen2-MoE); use it for those. This module holds the one copy of the test builders for the
+Qwen2-MoE) and ``SIGMOID_MODEL_NAMES`` (DeepSeek-V3, Kimi-K2.5, GLM-4.5V-MoE); use it for those. This module holds the one copy of the test builders for the
 other families (a dense Llama, and MoE families with other router or expert layouts), with the
 same vocabulary, special token ids, width and depth as ``modes_fx.testing``.
 """
@@ -17,14 +17,10 @@ _COMMON = dict(
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
 )
-_MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
 
 # name: (model class, config class, family-specific config); every MoE family has top-k 2.
 EXTRA_MODELS = {
     "llama": (tf.LlamaForCausalLM, tf.LlamaConfig, {}),
-    "deepseek_v3": (tf.DeepseekV3ForCausalLM, tf.DeepseekV3Config, dict(
-        _MLA, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-    )),
     "jamba": (tf.JambaForCausalLM, tf.JambaConfig, dict(
         num_experts=4, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0,
         attn_layer_period=1, attn_layer_offset=0, use_mamba_kernels=False,

@@ -2,6 +2,8 @@
 what it must not rewrite, and the invariants of its output graph."""
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 import modes_fx
 from modes_fx.backend import resolver_for
@@ -18,10 +20,27 @@ ROUTE = "modes.route_mask.default"
 DENSE_DISPATCH = ("grouped_mm", "bmm", "histc", "sort", "repeat_interleave")
 
 
-def _deepseek_v3():
-    """Two MoE layers with DeepSeek-V3's sigmoid grouped router (not supported yet)."""
-    model = extra_model("deepseek_v3", first_k_dense_replace=0, num_key_value_heads=4)  # MLA: kv heads = heads
-    model.set_experts_implementation("grouped_mm")
+class GatheredFromBiasedScoresRouter(DeepseekV3TopkRouter):
+    """DeepSeek-V3's router with one change: the weights are gathered from the *biased* scores
+    (the correction bias leaks into π). Not a router modes supports: it must be left alone."""
+
+    def forward(self, hidden_states):
+        logits = F.linear(hidden_states.view(-1, self.hidden_dim).float(), self.weight.float())
+        biased = logits.sigmoid() + self.e_score_correction_bias
+        group_scores = biased.view(-1, self.num_group, self.num_experts // self.num_group).topk(2, dim=-1)[0].sum(-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        mask = group_mask.unsqueeze(-1).expand(-1, self.num_group, self.num_experts // self.num_group).reshape(-1, self.num_experts)
+        index = torch.topk(biased.masked_fill(~mask.bool(), float("-inf")), k=self.top_k, dim=-1, sorted=False)[1]
+        weights = biased.gather(1, index)
+        return logits, weights / weights.sum(-1, keepdim=True) * self.routed_scaling_factor, index
+
+
+def _near_miss_deepseek_v3():
+    """Tiny DeepSeek-V3 (2 MoE layers) whose routers are GatheredFromBiasedScoresRouter."""
+    model = build("deepseek_v3", experts_implementation="grouped_mm")
+    for site in find_moe_sites(model):
+        model.get_submodule(site.router_path).__class__ = GatheredFromBiasedScoresRouter
     return model
 
 
@@ -139,14 +158,21 @@ def test_topk_outside_moe_modules_is_not_rewritten_nor_reported():
     assert not p(graph.gm).modified and p.unsupported == []
 
 
-def test_sigmoid_router_is_reported_unsupported_and_left_untouched():
-    model = _deepseek_v3()
-    (graph,) = capture(model, {"input_ids": torch.randint(0, 64, (1, 5))})
-    matches = match_moe_sites(graph.gm.graph)
+def test_near_miss_sigmoid_router_is_reported_unsupported_and_left_untouched():
+    model = _near_miss_deepseek_v3()
+    assert {s.router_kind for s in find_moe_sites(model)} == {"unknown"}  # the probe refuses it too
+    modes_fx.attach(model, modes_fx.Schedule.constant(model, tau={"text": 0.5}))
+    try:
+        (graph,) = capture(model, text_inputs(model))
+        matches = match_moe_sites(graph.gm.graph)
+        p = RewriteMaskedDispatch(graph.resolve)
+        result = p(graph.gm)
+    finally:
+        modes_fx.detach(model)
     assert matches.sites == []
-    assert len(matches.unsupported) == 2
-    assert all("sigmoid" in u.reason for u in matches.unsupported)
-    assert not RewriteMaskedDispatch(graph.resolve)(graph.gm).modified
+    assert [u.where for u in matches.unsupported] == [f"L['self'].{s.router_path}" for s in find_moe_sites(model)]
+    assert all("gathered from" in u.reason and "correction bias" in u.reason for u in matches.unsupported)
+    assert not result.modified and result.graph_module is graph.gm
 
 
 def test_dynamic_shapes_graph_rewrites_every_layer():
@@ -175,11 +201,23 @@ def test_dynamic_shapes_graph_rewrites_every_layer():
 
 
 def test_backend_reports_routing_it_cannot_take():
-    model = _deepseek_v3()
+    """MiniMax-M2's router (sigmoid + correction bias, no groups, the bias passed as a forward
+    argument) traces like a sigmoid router, but its behaviour is not probed as a known formula:
+    the backend lists every site as untouched, and τ > 0 skips nothing."""
+    model = extra_model("minimax_m2")
+    inputs = text_inputs(model)
+    with torch.no_grad():
+        dense = model(**inputs).logits
+    modes_fx.attach(model, modes_fx.Schedule.constant(model, tau={"text": 0.5}))
     modes_fx.reset_report()
     torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend="modes", options={"inner": "eager"})(input_ids=torch.randint(0, 64, (1, 5)))
+    try:
+        with torch.no_grad(), modes_fx.track() as t:
+            got = torch.compile(model, backend="modes", options={"inner": "eager"})(**inputs).logits
+    finally:
+        modes_fx.detach(model)
     report = modes_fx.last_report()
     assert report.rewrites == [] and len(report.unsupported) == 2
-    assert "sigmoid" in str(report)
+    assert all("sigmoid_topk" in u.reason and "unknown" in u.reason for u in report.unsupported)
+    assert t.calls == 0
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import transformers as tf
 
 from extra_models import extra_model
 from modes_fx.sites import find_moe_sites, model_fingerprint, site_parameters
-from modes_fx.testing import MODEL_NAMES, build
+from modes_fx.testing import MODEL_NAMES, ROUTED_SCALING_FACTOR, SIGMOID_MODEL_NAMES, build
 
 # ----------------------------------------------------------------------------------------------
 # Tiny models (random weights, no downloads): modes_fx.testing.build for MODEL_NAMES, the
@@ -16,7 +16,7 @@ from modes_fx.testing import MODEL_NAMES, build
 
 def tiny_model(name: str, seed: int = 0, **config) -> torch.nn.Module:
     """An eval-mode tiny ``name`` model, config overridden by ``config``, seeded."""
-    if name in MODEL_NAMES:
+    if name in MODEL_NAMES + SIGMOID_MODEL_NAMES:
         return build(name, seed=seed, **config)
     return extra_model(name, seed=seed, **config)
 
@@ -35,8 +35,10 @@ EXPECTED = {
     "olmoe": ("olmoe", {"norm_topk_prob": False}, [0, 1], "softmax_topk", False, False),
     "qwen2_moe_mlp_only_0": ("qwen2_moe", {**_QWEN2_MOE_4_LAYERS, "mlp_only_layers": [0]}, [1, 2, 3], "softmax_topk", False, True),
     "qwen2_moe_sparse_step_2": ("qwen2_moe", {**_QWEN2_MOE_4_LAYERS, "decoder_sparse_step": 2}, [1, 3], "softmax_topk", False, True),
-    "deepseek_v3": ("deepseek_v3", {"num_hidden_layers": 3, "first_k_dense_replace": 1}, [1, 2], "sigmoid_grouped_topk", True, True),
-    "deepseek_v3_no_norm_scaled": ("deepseek_v3", {"first_k_dense_replace": 0, "norm_topk_prob": False, "routed_scaling_factor": 2.5}, [0, 1], "sigmoid_grouped_topk", False, True),
+    "deepseek_v3": ("deepseek_v3", {}, [1, 2], "sigmoid_grouped_topk", True, True),
+    "deepseek_v3_no_norm_scaled": ("deepseek_v3", {"first_k_dense_replace": 0, "norm_topk_prob": False, "routed_scaling_factor": 1.7}, [0, 1, 2], "sigmoid_grouped_topk", False, True),
+    "kimi_k25": ("kimi_k25", {}, [1, 2], "sigmoid_grouped_topk", True, True),
+    "glm4v_moe": ("glm4v_moe", {}, [1, 2], "sigmoid_grouped_topk", True, True),
     # Same router attributes as Mixtral, but the top-k weights are not renormalised.
     "jamba": ("jamba", {}, [0, 1], "softmax_topk", False, False),
     # Softmax router whose selection adds a bias (gate.moe_statics.e_score_correction_bias).
@@ -45,7 +47,7 @@ EXPECTED = {
     "minimax_m2": ("minimax_m2", {}, [0, 1], "unknown", False, False),
 }
 _MLP_NAME = {"jamba": "feed_forward"}
-_PREFIX = {"qwen3_vl_moe": "model.language_model.layers"}
+_PREFIX = {n: "model.language_model.layers" for n in ("qwen3_vl_moe", "kimi_k25", "glm4v_moe")}
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED))
@@ -64,6 +66,13 @@ def test_sites_are_found_in_layer_order_with_their_routing(case):
     assert {s.normalizes_top_k for s in sites} == {normalizes}
     assert {s.has_shared_experts for s in sites} == {shared}
     assert {s.activation for s in sites} == {"silu"}
+
+
+def test_weight_scale_is_where_pi_comes_from(case):
+    """The router's weights are weight_scale · π: the routed scaling factor for sigmoid routers."""
+    model, name, overrides, *_ = case
+    scale = overrides.get("routed_scaling_factor", ROUTED_SCALING_FACTOR) if name in SIGMOID_MODEL_NAMES else 1.0
+    assert {s.weight_scale for s in find_moe_sites(model)} == {scale}
 
 
 def test_site_paths_resolve_to_router_and_experts(case):
