@@ -24,6 +24,8 @@ FAMILIES = {
     "internvl_moe": "InternVL-3.5 MoE (InternVL + Qwen3-MoE)",
     "qwen3_omni_moe": "Qwen3-Omni-MoE thinker",
     "deepseek_v3": "DeepSeek-V3",
+    "kimi_k25": "Kimi-K2.5 (Kimi-VL family: DeepSeek-V3 language model)",
+    "glm4v_moe": "GLM-4.5V-MoE",
     "llama4": "Llama4",
     "ernie4_5_vl_moe": "Ernie-4.5-VL-MoE",
     "ernie4_5_moe": "Ernie-4.5-MoE",
@@ -32,21 +34,24 @@ FAMILIES = {
 # test files whose ids name the models they run, and what each test function checks
 TEST_FILES = (
     "tests/test_backend_e2e.py",
+    "tests/test_backend_e2e_sigmoid.py",
+    "tests/test_calibrate_kimi.py",
     "tests/test_families_e2e.py",
     "tests/test_calibrate_families.py",
     "tests/test_refused_families.py",
 )
+TAU_ZERO, TAU_INF, MID = "τ=0 = uncompiled (forward, generate)", "τ=+inf for a modality = its routed experts removed", "mid τ = independent rule, track() counts"
 CHECKS = {
-    "test_tau_zero_equals_uncompiled_forward_and_generate": "τ=0 = uncompiled (forward, generate)",
-    "test_tau_inf_for_one_modality_equals_removing_its_routed_experts": "τ=+inf for a modality = its routed experts removed",
-    "test_mid_thresholds_match_an_independent_reference_and_track_counts": "mid τ = independent rule, track() counts",
-    "test_calibrated_schedule_meets_its_target_when_deployed": "calibrate + frontier search meets target",
-    "test_schedule_and_attach_refuse_naming_each_block": "Schedule/attach refuse with the reason",
-    "test_backend_reports_the_routers_it_leaves_untouched": "backend report lists it untouched",
-    "test_unknown_router_kind_is_refused_at_attach": "Schedule/attach refuse its unknown router",
+    "test_tau_zero_equals_uncompiled_forward_and_generate": (TAU_ZERO,),
+    "test_tau_zero_inf_and_mid_thresholds_against_independent_references": (TAU_ZERO, TAU_INF, MID),
+    "test_tau_inf_for_one_modality_equals_removing_its_routed_experts": (TAU_INF,),
+    "test_mid_thresholds_match_an_independent_reference_and_track_counts": (MID,),
+    "test_calibrated_schedule_meets_its_target_when_deployed": ("calibrate + frontier search meets target",),
+    "test_schedule_and_attach_refuse_naming_each_block": ("Schedule/attach refuse with the reason",),
+    "test_backend_reports_the_routers_it_leaves_untouched": ("backend report lists it untouched",),
+    "test_unknown_router_kind_is_refused_at_attach": ("Schedule/attach refuse its unknown router",),
 }
-# config overrides for builders whose defaults have no MoE layer at two layers
-OVERRIDES = {"deepseek_v3": {"first_k_dense_replace": 0}}
+OVERRIDES: dict[str, dict] = {}  # config overrides per builder name, if a default has no MoE layer
 IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "models.md")
 HEADER = """# Supported models
@@ -76,9 +81,9 @@ def _params(node_id: str) -> list[str]:
 
 
 def build_model(key: str):
-    from modes_fx.testing import MODEL_NAMES, MULTIMODAL_MOE_NAMES, build
+    from modes_fx.testing import MODEL_NAMES, MULTIMODAL_MOE_NAMES, SIGMOID_MODEL_NAMES, build
 
-    if key in MODEL_NAMES + MULTIMODAL_MOE_NAMES:
+    if key in MODEL_NAMES + MULTIMODAL_MOE_NAMES + SIGMOID_MODEL_NAMES:
         return build(key)
     from extra_models import extra_model
 
@@ -95,8 +100,8 @@ def row(key: str, node_ids: list[str]) -> list[str]:
     declared = special_token_ids(model.config)
     modalities = ["text"] + [k for k in TOKEN_KINDS if k in declared]
     mine = [(n.split("::")[1].split("[")[0], _params(n)) for n in node_ids if key in _params(n)]
-    dispatch = [i for i in IMPLEMENTATIONS if any(f == "test_tau_zero_equals_uncompiled_forward_and_generate" and i in p for f, p in mine)]
-    checks = [label for function, label in CHECKS.items() if any(f == function for f, _ in mine)]
+    dispatch = [i for i in IMPLEMENTATIONS if any(TAU_ZERO in CHECKS.get(f, ()) and i in p for f, p in mine)]
+    checks = list(dict.fromkeys(label for f, _ in mine for label in CHECKS.get(f, ())))
     status = "refused at attach" if unsupported_moe_blocks(model) else "rewritten" if dispatch else "left untouched (listed in the report)"
     return [
         FAMILIES[key], f"`{type(model).__name__}`", ", ".join(kinds), ", ".join(dispatch) or "—",
