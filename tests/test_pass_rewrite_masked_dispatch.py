@@ -9,7 +9,7 @@ import modes_fx
 from modes_fx.backend import resolver_for
 from modes_fx.passes.match_moe_sites import match_moe_sites
 from modes_fx.passes.rewrite_masked_dispatch import RewriteMaskedDispatch
-from modes_fx.sites import find_moe_sites
+from modes_fx.sites import UnsupportedModelError, find_moe_sites
 
 from extra_models import extra_model
 from graph_capture import capture, count_targets, signature
@@ -161,14 +161,12 @@ def test_topk_outside_moe_modules_is_not_rewritten_nor_reported():
 def test_near_miss_sigmoid_router_is_reported_unsupported_and_left_untouched():
     model = _near_miss_deepseek_v3()
     assert {s.router_kind for s in find_moe_sites(model)} == {"unknown"}  # the probe refuses it too
-    modes_fx.attach(model, modes_fx.Schedule.constant(model, tau={"text": 0.5}))
-    try:
-        (graph,) = capture(model, text_inputs(model))
-        matches = match_moe_sites(graph.gm.graph)
-        p = RewriteMaskedDispatch(graph.resolve)
-        result = p(graph.gm)
-    finally:
-        modes_fx.detach(model)
+    with pytest.raises(UnsupportedModelError, match="selects experts by a formula modes-fx does not know"):
+        modes_fx.attach(model, modes_fx.Schedule.constant(model, tau={"text": 0.5}))
+    (graph,) = capture(model, text_inputs(model))
+    matches = match_moe_sites(graph.gm.graph)
+    p = RewriteMaskedDispatch(graph.resolve)
+    result = p(graph.gm)
     assert matches.sites == []
     assert [u.where for u in matches.unsupported] == [f"L['self'].{s.router_path}" for s in find_moe_sites(model)]
     assert all("gathered from" in u.reason and "correction bias" in u.reason for u in matches.unsupported)
@@ -203,21 +201,20 @@ def test_dynamic_shapes_graph_rewrites_every_layer():
 def test_backend_reports_routing_it_cannot_take():
     """MiniMax-M2's router (sigmoid + correction bias, no groups, the bias passed as a forward
     argument) traces like a sigmoid router, but its behaviour is not probed as a known formula:
-    the backend lists every site as untouched, and τ > 0 skips nothing."""
+    attach refuses the model, and the backend (compiling it anyway) lists every site as
+    untouched and leaves the numbers alone."""
     model = extra_model("minimax_m2")
     inputs = text_inputs(model)
     with torch.no_grad():
         dense = model(**inputs).logits
-    modes_fx.attach(model, modes_fx.Schedule.constant(model, tau={"text": 0.5}))
+    with pytest.raises(UnsupportedModelError, match="minimax|MiniMax|does not know"):
+        modes_fx.attach(model, modes_fx.Schedule.constant(model, tau={"text": 0.5}))
     modes_fx.reset_report()
     torch._dynamo.reset()
-    try:
-        with torch.no_grad(), modes_fx.track() as t:
-            got = torch.compile(model, backend="modes", options={"inner": "eager"})(**inputs).logits
-    finally:
-        modes_fx.detach(model)
+    with torch.no_grad(), modes_fx.track() as t:
+        got = torch.compile(model, backend="modes", options={"inner": "eager"})(**inputs).logits
     report = modes_fx.last_report()
     assert report.rewrites == [] and len(report.unsupported) == 2
-    assert all("sigmoid_topk" in u.reason and "unknown" in u.reason for u in report.unsupported)
+    assert all("belongs to no attached model" in u.reason for u in report.unsupported)
     assert t.calls == 0
     torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
