@@ -178,13 +178,15 @@ def _masked_experts_int4_fake(*args):
 
 @torch.library.register_torch_dispatch("modes::masked_experts", Int4ExpertsTensor, lib=_LIB)
 def _masked_experts_on_int4(cls, func, types, args, kwargs):
+    """``modes::masked_experts`` called with Int4ExpertsTensor weights: call its int4 variant with
+    the weights' packed tensors (what torch.compile traces into the graph)."""
     named = dict(zip(_names(func), args))
     named.update(kwargs)
-    group_sizes = {named[n].group_size for n in _WEIGHT_ARGS if isinstance(named[n], Int4ExpertsTensor)}
-    if len(group_sizes) != 1 or not all(isinstance(named[n], Int4ExpertsTensor) for n in _WEIGHT_ARGS):
-        raise TypeError("modes::masked_experts: gate_up_proj and down_proj must both be Int4ExpertsTensor with one group size")
+    weights = [named[n] for n in _WEIGHT_ARGS]
+    if not all(isinstance(w, Int4ExpertsTensor) and not w.transposed for w in weights) or len({w.group_size for w in weights}) != 1:
+        raise TypeError("modes::masked_experts: gate_up_proj and down_proj must both be untransposed Int4ExpertsTensor with one group size")
     flat = []
     for name in _names(func):
         value = named[name]
         flat += [getattr(value, p) for p in _PACKED] if name in _WEIGHT_ARGS else [value]
-    return _MASKED_EXPERTS_INT4(*flat, group_sizes.pop())
+    return _MASKED_EXPERTS_INT4(*flat, weights[0].group_size)

@@ -203,8 +203,10 @@ def _linears_to_quantize(model: torch.nn.Module, sites: list[MoESite], group_siz
             kept[path] = "router"
         elif module.weight.dtype != torch.bfloat16:
             kept[path] = f"{module.weight.dtype}, not bf16"
-        elif module.in_features % group_size or module.out_features % N_MULTIPLE:
-            kept[path] = f"shape [{module.out_features}, {module.in_features}]: needs in % {group_size} == 0 and out % {N_MULTIPLE} == 0"
+        elif module.in_features % group_size:
+            kept[path] = f"input size {module.in_features} is not a multiple of group_size {group_size}"
+        elif module.out_features % N_MULTIPLE:
+            kept[path] = f"output size {module.out_features} is not a multiple of {N_MULTIPLE}"
         else:
             chosen.append(path)
     return chosen

@@ -77,7 +77,8 @@ def test_experts_and_linears_are_int4_routers_and_head_stay_bf16():
         assert isinstance(experts.gate_up_proj, Int4ExpertsTensor) and isinstance(experts.down_proj, Int4ExpertsTensor)
     for (_, router), (_, original) in zip(router_modules(model), router_modules(reference)):
         assert router.weight.dtype == BF16 and torch.equal(router.weight, original.weight)
-    assert "lm_head" in report.kept and model.lm_head.weight.dtype == BF16
+    assert report.kept["lm_head"] == "output head" and model.lm_head.weight.dtype == BF16
+    assert report.kept["model.visual.blocks.0.attn.qkv"] == "input size 32 is not a multiple of group_size 128"
     linears = [p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert sorted(report.linears) == sorted(p for p in linears if p not in report.kept)
     assert all(isinstance(model.get_submodule(p).weight, Int4OpaqueTensor) for p in report.linears)
@@ -90,6 +91,14 @@ def test_experts_and_linears_are_int4_routers_and_head_stay_bf16():
     assert report.expert_bytes_after == expert_weight_bytes(model) == numel // 2 + numel // 128 * 4
     assert report.expert_memory_ratio == pytest.approx(2 / (0.5 + 4 / 128)) and report.expert_memory_ratio >= 3.5
     assert "3.76x smaller" in str(report)
+
+
+def test_a_linear_the_int4_kernel_cannot_take_stays_bf16_with_the_reason():
+    model = build("qwen2_moe", dtype=BF16)  # shared_expert_gate: Linear(H, 1)
+    report = quantize_experts(model)
+    assert report.kept["model.layers.0.mlp.shared_expert_gate"] == "output size 1 is not a multiple of 16"
+    assert model.model.layers[0].mlp.shared_expert_gate.weight.dtype == BF16
+    assert "model.layers.0.mlp.shared_expert.down_proj" in report.linears
 
 
 def test_each_int4_weight_is_found_by_the_runtime_as_its_own_site_and_role():
