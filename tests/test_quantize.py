@@ -203,12 +203,15 @@ def test_a_model_without_moe_experts_is_an_error():
         ("bf16", PrototypeInt4WeightOnlyConfig(group_size=128), ValueError, "input size 64 is not a multiple of group_size 128"),
         ("fp32", None, ValueError, "is torch.float32: the CPU int4 kernel runs bf16 activations"),
         ("batched_mm", None, ValueError, "experts_implementation 'batched_mm' cannot run int4 experts"),
+        ("meta", None, ValueError, "is on meta: W4A16 experts run on CPU only"),
     ],
-    ids=["cuda-only config", "group size", "shape", "fp32 activations", "batched_mm"],
+    ids=["cuda-only config", "group size", "shape", "fp32 activations", "batched_mm", "not on CPU"],
 )
 def test_a_config_this_device_cannot_run_is_an_error(make, config, error, message):
     impl = "batched_mm" if make == "batched_mm" else "grouped_mm"
     model = build("qwen3_vl_moe", experts_implementation=impl, dtype=torch.float32 if make == "fp32" else BF16)
+    if make == "meta":
+        model.to("meta")
     with pytest.raises(error, match=message):
         quantize_experts(model, config)
     assert _unchanged(model)
