@@ -6,6 +6,8 @@ torch.compile backend.
     with modes_fx.track() as t:
         model.generate(**inputs)
     print(t.skip_ratio)
+
+W4A16 (int4 weights, bf16 activations) before attaching: ``modes_fx.quantize_experts(model)``.
 """
 from modes_fx.attach import attach, detach
 from modes_fx.backend import last_report, reset_report
@@ -13,4 +15,12 @@ from modes_fx.calib import calibrate
 from modes_fx.schedule import Schedule
 from modes_fx.tracking import track
 
-__all__ = ["Schedule", "attach", "calibrate", "detach", "last_report", "reset_report", "track"]
+__all__ = ["Schedule", "attach", "calibrate", "detach", "last_report", "quantize_experts", "reset_report", "track"]
+
+
+def __getattr__(name: str):
+    if name == "quantize_experts":  # imports torchao, so only when asked for
+        from modes_fx.quantize import quantize_experts
+
+        return quantize_experts
+    raise AttributeError(f"module 'modes_fx' has no attribute {name!r}")

@@ -13,11 +13,18 @@ KV cache). Variants, timed with interleaved repetitions:
 - ``modes skip=S``: ``backend="modes"`` with one uniform threshold per phase, solved for so that
   ``modes_fx.track()`` reads the skip ratio S (± 1%) on the benchmark prefill and decode.
 
+Then the W4A16 rows, on the same model (rebuilt from the same seed) converted to bf16 and
+quantized by :func:`modes_fx.quantize.quantize_experts` (int4 experts and linears, bf16
+activations): ``w4a16 dense`` (compiled as ``dense``; the baseline of these rows), ``w4a16
+tau=0`` and ``w4a16 skip=88%``, with the weight memory of the fp32, bf16 and W4A16 models and the
+W4A16 logits' relative error against bf16 on the benchmark prompt.
+
 Both compiled variants live side by side on the same module (``module._compiled_call_impl`` is
 switched between them); thresholds change through ``state.set_thresholds`` without recompiling.
 Latencies are milliseconds; the decode latency is the total of the ``decode_tokens`` steps.
-The experts share is the fraction of the ``modes tau=0`` time spent in ``modes::masked_experts``
-(torch.profiler); the Amdahl bound at skip ratio s is ``1 / ((1 - share) + share * (1 - s))``.
+The experts share is the fraction of the ``tau=0`` time spent in ``modes::masked_experts``
+(``modes::masked_experts_int4`` for W4A16; torch.profiler); the Amdahl bound at skip ratio s is
+``1 / ((1 - share) + share * (1 - s))``.
 Peak memory is the largest resident-set growth (MiB) over the process's resident set before the
 timed call.
 """
@@ -37,6 +44,7 @@ from pathlib import Path
 import torch
 
 SKIP_TARGETS = (0.5, 0.75, 0.88)
+W4A16_SKIP = 0.88  # the W4A16 rows: dense vs this skip ratio
 SKIP_TOLERANCE = 0.01
 
 
@@ -242,8 +250,9 @@ class Variant:
     decode_peak_mib: float = 0.0
 
 
-def calibrate(runner: Runner, target: float, echo) -> Variant:
-    """The modes variant whose prefill and decode thresholds read ``target`` skip on the benchmark."""
+def calibrate(runner: Runner, target: float, echo, prefix: str = "modes") -> Variant:
+    """The modes variant (named ``f"{prefix} skip=S"``) whose prefill and decode thresholds read
+    ``target`` skip on the benchmark."""
 
     def prefill_skip(t):
         runner.use("modes", t)
@@ -258,16 +267,17 @@ def calibrate(runner: Runner, target: float, echo) -> Variant:
         return _skip_ratio(lambda: runner.decode(copy.deepcopy(past), token))
 
     td, _ = solve_threshold(decode_skip, target)
-    echo(f"  skip {target:.0%}: prefill threshold {tp:.4f}, decode threshold {td:.4f}")
-    return Variant(f"modes skip={target:.0%}", "modes", tp, td)
+    echo(f"  {prefix} skip {target:.0%}: prefill threshold {tp:.4f}, decode threshold {td:.4f}")
+    return Variant(f"{prefix} skip={target:.0%}", "modes", tp, td)
 
 
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 
 
-def experts_share(runner: Runner) -> dict[str, float]:
-    """Fraction of the ``modes tau=0`` prefill / decode time spent in ``modes::masked_experts``."""
+def experts_share(runner: Runner, op: str = "modes::masked_experts") -> dict[str, float]:
+    """Fraction of the ``modes tau=0`` prefill / decode time spent in the masked experts ``op``
+    (``modes::masked_experts_int4`` for int4 weights)."""
     from torch.profiler import ProfilerActivity, profile
 
     runner.use("modes", 0.0)
@@ -278,13 +288,15 @@ def experts_share(runner: Runner) -> dict[str, float]:
             start = time.perf_counter()
             fn()
             wall_us = (time.perf_counter() - start) * 1e6
-        experts_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "modes::masked_experts")
+        experts_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key == op)
         shares[phase] = experts_us / wall_us
     return shares
 
 
 def run(cfg: BenchConfig, out_dir: Path, echo=print) -> dict:
     """Run the benchmark; write ``speed.json`` and ``speed.png`` into ``out_dir``; return the result."""
+    import modes_fx
+
     torch.set_num_threads(os.cpu_count() or 1)
     torch._inductor.config.compile_threads = 1
     torch._dynamo.config.recompile_limit = 64
@@ -294,31 +306,78 @@ def run(cfg: BenchConfig, out_dir: Path, echo=print) -> dict:
     echo(f"config: {asdict(cfg)}; {torch.get_num_threads()} torch threads")
     variants = [Variant("eager", "eager"), Variant("dense", "dense"), Variant("modes tau=0", "modes")]
     with torch.no_grad():
-        # Warm-up compiles the prefill and decode graphs, modes first (both callables share
-        # Dynamo's automatic-dynamic state; compiling modes first keeps its prefill graph
-        # static-shaped, as in the measured table), then checks every MoE site was rewritten.
-        for v in (variants[0], variants[2], variants[1]):
-            runner.use(v.impl)
-            _, ms = _timed(lambda: runner.decode(*runner.prefill()))
-            echo(f"  warm-up {v.name}: {ms / 1e3:.1f} s (includes compilation)")
-        runner.check_every_site_rewritten()
-        variants += [calibrate(runner, s, echo) for s in SKIP_TARGETS]
-        samples = {v.name: {"prefill": [], "decode": []} for v in variants}
-        for _ in range(cfg.reps):
-            for v in variants:
-                _measure_once(runner, v, samples[v.name])
-        for v in variants:
-            v.prefill_ms = statistics.median(samples[v.name]["prefill"])
-            v.decode_ms = statistics.median(samples[v.name]["decode"])
-            _measure_untimed(runner, v)
-        share = experts_share(runner)
-    result = _result(cfg, variants, share, time.perf_counter() - start)
+        variants, share = measure(runner, variants, SKIP_TARGETS, "modes", echo)
+    modes_fx.detach(model)
+    del runner, model
+    w4a16 = run_w4a16(cfg, echo)
+    result = {**_result(cfg, variants, share, time.perf_counter() - start), "w4a16": w4a16}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "speed.json").write_text(json.dumps(result, indent=2))
     echo(format_table(result))
     plotted = plot(result, out_dir / "speed.png")
     echo(f"wrote {out_dir / 'speed.json'}" + (f" and {plotted}" if plotted else " (no plot: pip install modes-fx[bench])"))
     return result
+
+
+def run_w4a16(cfg: BenchConfig, echo) -> dict:
+    """The W4A16 rows: the benchmark model converted to bf16 and quantized by
+    :func:`modes_fx.quantize.quantize_experts` (int4 experts and linears), timed as ``w4a16
+    dense`` (torch.compile with ``cfg.compiler``, the baseline of these rows), ``w4a16 tau=0``
+    and ``w4a16 skip=88%``. Also measures the weight memory (MiB) of the fp32, bf16 and W4A16
+    models and the W4A16 logits' relative error ‖W4A16 − bf16‖ / ‖bf16‖ on the benchmark prompt
+    (eager, every position)."""
+    import modes_fx
+    from modes_fx.quantize import model_weight_bytes, quantize_experts
+
+    torch._dynamo.reset()  # fresh automatic-dynamic state: these graphs compile as the fp32 ones did
+    model = build_model(cfg)
+    mib = {"fp32": model_weight_bytes(model) / 2**20}
+    model.to(torch.bfloat16)
+    mib["bf16"] = model_weight_bytes(model) / 2**20
+    with torch.no_grad():
+        reference = model(input_ids=prompt_ids(cfg), use_cache=False).logits.float()
+        report = quantize_experts(model)
+        logits = model(input_ids=prompt_ids(cfg), use_cache=False).logits.float()
+    mib["w4a16"] = model_weight_bytes(model) / 2**20
+    echo(f"  {report}".replace("\n", "\n  "))
+    runner = Runner(model, cfg)
+    variants = [Variant("w4a16 dense", "dense"), Variant("w4a16 tau=0", "modes")]
+    with torch.no_grad():
+        variants, share = measure(runner, variants, (W4A16_SKIP,), "w4a16", echo, op="modes::masked_experts_int4")
+    modes_fx.detach(model)
+    return {
+        "group_size": report.group_size,
+        "experts_share": share,
+        "variants": _rows(variants, "w4a16 dense", share),
+        "weight_mib": mib,
+        "expert_weight_mib": {"bf16": report.expert_bytes_before / 2**20, "w4a16": report.expert_bytes_after / 2**20},
+        "expert_memory_ratio": report.expert_memory_ratio,
+        "logits_vs_bf16": {"relative_error": float((logits - reference).norm() / reference.norm())},
+    }
+
+
+def measure(runner: Runner, variants: list[Variant], targets, prefix: str, echo, op: str = "modes::masked_experts"):
+    """Warm up ``variants``, add a ``f"{prefix} skip=S"`` variant per target skip ratio, time all
+    of them interleaved (``cfg.reps`` rounds; medians) and measure their memory; returns
+    (variants, experts share of ``op`` in the tau=0 time). Call under ``no_grad``."""
+    # Warm-up compiles the prefill and decode graphs, modes first (both callables share
+    # Dynamo's automatic-dynamic state; compiling modes first keeps its prefill graph
+    # static-shaped, as in the measured table), then checks every MoE site was rewritten.
+    for v in sorted(variants, key=lambda v: ("eager", "modes", "dense").index(v.impl)):
+        runner.use(v.impl)
+        _, ms = _timed(lambda: runner.decode(*runner.prefill()))
+        echo(f"  warm-up {v.name}: {ms / 1e3:.1f} s (includes compilation)")
+    runner.check_every_site_rewritten()
+    variants = variants + [calibrate(runner, s, echo, prefix) for s in targets]
+    samples = {v.name: {"prefill": [], "decode": []} for v in variants}
+    for _ in range(runner.cfg.reps):
+        for v in variants:
+            _measure_once(runner, v, samples[v.name])
+    for v in variants:
+        v.prefill_ms = statistics.median(samples[v.name]["prefill"])
+        v.decode_ms = statistics.median(samples[v.name]["decode"])
+        _measure_untimed(runner, v)
+    return variants, experts_share(runner, op)
 
 
 def _measure_once(runner: Runner, v: Variant, samples: dict) -> None:
@@ -352,34 +411,54 @@ def _amdahl(share: float, skip: float) -> float:
     return 1.0 / ((1.0 - share) + share * (1.0 - skip))
 
 
-def _result(cfg: BenchConfig, variants: list[Variant], share: dict[str, float], seconds: float) -> dict:
-    dense = next(v for v in variants if v.name == "dense")
+def _rows(variants: list[Variant], baseline: str, share: dict[str, float]) -> list[dict]:
+    """The table rows: each variant with its speedups over the ``baseline`` row and its Amdahl bound."""
+    base = next(v for v in variants if v.name == baseline)
     rows = []
     for v in variants:
         row = asdict(v)
         for phase in ("prefill", "decode"):
-            row[f"{phase}_speedup_vs_dense"] = getattr(dense, f"{phase}_ms") / getattr(v, f"{phase}_ms")
+            row[f"{phase}_speedup_vs_dense"] = getattr(base, f"{phase}_ms") / getattr(v, f"{phase}_ms")
             skip = getattr(v, f"{phase}_skip")
             row[f"{phase}_amdahl_bound"] = _amdahl(share[phase], skip) if skip == skip else None
         rows.append(row)
+    return rows
+
+
+def _result(cfg: BenchConfig, variants: list[Variant], share: dict[str, float], seconds: float) -> dict:
     return {
         "config": asdict(cfg),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "experts_share": share,
-        "variants": rows,
+        "variants": _rows(variants, "dense", share),
         "seconds": seconds,
     }
 
 
 def format_table(result: dict) -> str:
-    """The result as a fixed-width text table (ms, ratios to the inductor dense baseline)."""
+    """The result as fixed-width text tables (ms, ratios to each table's compiled dense row)."""
+    lines = _table(result["variants"], result["experts_share"])
+    w4 = result["w4a16"]
+    mib, expert_mib, logits = w4["weight_mib"], w4["expert_weight_mib"], w4["logits_vs_bf16"]
+    lines += [
+        "",
+        f"W4A16: int4 experts and linears (group size {w4['group_size']}), bf16 activations; x dense = vs w4a16 dense",
+        *_table(w4["variants"], w4["experts_share"]),
+        f"weights: fp32 {mib['fp32']:.1f} MiB, bf16 {mib['bf16']:.1f} MiB, W4A16 {mib['w4a16']:.1f} MiB; "
+        f"experts bf16 {expert_mib['bf16']:.1f} MiB → W4A16 {expert_mib['w4a16']:.1f} MiB ({w4['expert_memory_ratio']:.2f}x smaller)",
+        f"W4A16 vs bf16 logits on the benchmark prompt (eager, every position): relative error {logits['relative_error']:.4f}",
+    ]
+    return "\n".join(lines)
+
+
+def _table(rows: list[dict], share: dict[str, float]) -> list[str]:
     head = (
         f"{'variant':<16}{'skip p/d':>12}{'prefill ms':>12}{'x dense':>9}{'bound':>7}"
         f"{'decode ms':>11}{'x dense':>9}{'bound':>7}{'peak MiB p/d':>15}"
     )
     lines = [head, "-" * len(head)]
-    for r in result["variants"]:
+    for r in rows:
         skip = "-" if r["impl"] != "modes" else f"{r['prefill_skip']:.3f}/{r['decode_skip']:.3f}"
         bound = lambda b: "-" if b is None else f"{b:.2f}"  # noqa: E731
         lines.append(
@@ -387,14 +466,14 @@ def format_table(result: dict) -> str:
             f"{bound(r['prefill_amdahl_bound']):>7}{r['decode_ms']:>11.1f}{r['decode_speedup_vs_dense']:>9.2f}"
             f"{bound(r['decode_amdahl_bound']):>7}{r['prefill_peak_mib']:>8.0f}/{r['decode_peak_mib']:<6.0f}"
         )
-    share = result["experts_share"]
     lines.append(f"experts share of dense (modes tau=0) time: prefill {share['prefill']:.1%}, decode {share['decode']:.1%}")
-    return "\n".join(lines)
+    return lines
 
 
 def plot(result: dict, path: Path) -> Path | None:
-    """Latency vs skip ratio (prefill and decode, modes rows; dense as a line) as PNG, or None
-    when matplotlib (the ``bench`` extra) is not installed."""
+    """Latency vs skip ratio (prefill and decode; modes rows as lines, fp32 in blue, W4A16 in
+    orange; eager and dense as horizontal lines) as PNG, or None when matplotlib (the ``bench``
+    extra) is not installed."""
     try:
         import matplotlib
 
@@ -402,13 +481,13 @@ def plot(result: dict, path: Path) -> Path | None:
         from matplotlib import pyplot as plt
     except ImportError:
         return None
-    rows = result["variants"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, phase in zip(axes, ("prefill", "decode")):
-        modes = sorted((r[f"{phase}_skip"], r[f"{phase}_ms"]) for r in rows if r["impl"] == "modes")
-        ax.plot([s for s, _ in modes], [ms for _, ms in modes], "o-", label="backend=modes")
-        for r, style in zip((r for r in rows if r["impl"] != "modes"), ("--", ":")):
-            ax.axhline(r[f"{phase}_ms"], linestyle=style, color="gray", label=r["name"])
+        for rows, label, color in ((result["variants"], "fp32", "C0"), (result["w4a16"]["variants"], "W4A16", "C1")):
+            modes = sorted((r[f"{phase}_skip"], r[f"{phase}_ms"]) for r in rows if r["impl"] == "modes")
+            ax.plot([s for s, _ in modes], [ms for _, ms in modes], "o-", color=color, label=f"{label} backend=modes")
+            for r, style in zip((r for r in rows if r["impl"] != "modes"), ("--", ":")):
+                ax.axhline(r[f"{phase}_ms"], linestyle=style, color=color, label=r["name"])
         ax.set(title=phase, xlabel="measured skip ratio", ylabel="latency (ms)")
         ax.legend()
     fig.tight_layout()
@@ -426,13 +505,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny config, eager inner compiler (< 1 minute)")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for speed.json and speed.png")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default: 3, quick 1)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 8, quick 2)")
 
 
 def speed(args: argparse.Namespace) -> int:
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     cfg = QUICK if args.quick else FULL
-    if args.reps is not None:
-        cfg = BenchConfig(**{**asdict(cfg), "reps": args.reps})
+    overrides = {k: v for k, v in (("reps", args.reps), ("num_layers", args.layers)) if v is not None}
+    cfg = BenchConfig(**{**asdict(cfg), **overrides})
     run(cfg, args.out)
     return 0
 

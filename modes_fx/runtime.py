@@ -11,6 +11,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from modes_fx.modality import UNMAPPED, kind_to_column, special_token_ids, token_modality_ids
 from modes_fx.schedule import Schedule
@@ -107,15 +108,25 @@ class AttachedState:
         return ids.to(device)
 
     def param_roles(self) -> dict[int, tuple[int, str]]:
-        """data_ptr → (site index, role) for the current weights of every site."""
+        """weight_key → (site index, role) for the current weights of every site."""
         model = self.model_ref()
         if model is None:
             return {}
         roles = {}
         for site in self.sites:
             for role, param in site_parameters(model, site).items():
-                roles[param.data_ptr()] = (site.index, role)
+                roles[weight_key(param)] = (site.index, role)
         return roles
+
+
+def weight_key(tensor: torch.Tensor) -> int:
+    """The storage address that identifies a weight: its ``data_ptr``, or for a tensor subclass
+    without storage of its own (torchao quantized weights, whose ``data_ptr`` is 0) that of its
+    first inner tensor."""
+    while is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        tensor = getattr(tensor, names[0])
+    return tensor.data_ptr()
 
 
 _STATES: list[AttachedState] = []
@@ -145,7 +156,7 @@ def role_of(tensor: torch.Tensor) -> ParamRole | None:
     Re-reads the attached models once on a miss, since ``model.to(...)`` moves weights."""
     if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
         return None
-    ptr = tensor.data_ptr()
+    ptr = weight_key(tensor)
     found = _ROLES.get(ptr)
     if found is None:
         _refresh()

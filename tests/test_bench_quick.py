@@ -6,10 +6,13 @@ import importlib.util
 import json
 import math
 
+import pytest
+
 from modes_fx import bench
 from modes_fx.cli import main
 
 NAMES = ["eager", "dense", "modes tau=0", "modes skip=50%", "modes skip=75%", "modes skip=88%"]
+W4A16_NAMES = ["w4a16 dense", "w4a16 tau=0", "w4a16 skip=88%"]
 
 
 def test_quick_speed_benchmark_outputs(tmp_path, capsys):
@@ -36,5 +39,19 @@ def test_quick_speed_benchmark_outputs(tmp_path, capsys):
             assert r[f"{phase}_amdahl_bound"] >= 1.0
     assert 0 < result["experts_share"]["prefill"] <= 1 and 0 < result["experts_share"]["decode"] <= 1
     assert "experts share" in stdout
+
+    w4 = result["w4a16"]
+    w4_rows = {r["name"]: r for r in w4["variants"]}
+    assert list(w4_rows) == W4A16_NAMES and all(name in stdout for name in W4A16_NAMES)
+    assert w4_rows["w4a16 dense"]["prefill_speedup_vs_dense"] == 1.0
+    assert w4_rows["w4a16 tau=0"]["prefill_skip"] == 0.0
+    assert abs(w4_rows["w4a16 skip=88%"]["prefill_skip"] - bench.W4A16_SKIP) <= bench.SKIP_TOLERANCE
+    assert all(r[k] > 0 and math.isfinite(r[k]) for r in w4_rows.values() for k in ("prefill_ms", "decode_ms"))
+    assert 0 < w4["experts_share"]["prefill"] <= 1
+    mib = w4["weight_mib"]
+    assert mib["fp32"] > mib["bf16"] > mib["w4a16"] > 0
+    assert w4["expert_memory_ratio"] == pytest.approx(w4["expert_weight_mib"]["bf16"] / w4["expert_weight_mib"]["w4a16"])
+    assert w4["expert_memory_ratio"] > 3
+    assert 0 < w4["logits_vs_bf16"]["relative_error"] < 0.5
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
