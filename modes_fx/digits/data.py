@@ -262,7 +262,9 @@ class Batch:
 
     inputs: input_ids / attention_mask / mm_token_type_ids int64 [B, S] (left-padded), plus
         pixel_values float32 [n_images · PATCHES_PER_IMAGE, PATCH_DIM] and image_grid_thw
-        int64 [n_images, 3] when any row has an image (rows in order);
+        int64 [n_images, 3] when any row has an image (rows in order), and use_cache=False:
+        every use is one forward, and without a KV cache Dynamo compiles one graph for all
+        decoder layers instead of one per layer (docs/architecture.md); drop it for generate();
     answer_ids: int64 [B], the answer token of each row, predicted at position S - 1;
     questions: the questions, row order."""
 
@@ -296,6 +298,7 @@ def encode(questions: Sequence[Question]) -> Batch:
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "mm_token_type_ids": (input_ids == IMAGE_ID).long(),
+        "use_cache": False,
     }
     images = [q.image for q in questions if q.image is not None]
     if images:
