@@ -26,6 +26,16 @@ def test_train_saves_a_checkpoint_that_from_pretrained_loads(tmp_path):
     batch = data.split_batches("test", batch_size=8, limit=8)[0]
     assert set(evaluate.predict(loaded, batch).tolist()) <= set(data.ANSWER_IDS)
 
+    stage2 = tmp_path / "stage2"
+    continued = train.train(train.TrainConfig(**STEPS), out=stage2, images=_images(), init=tmp_path, progress=False)
+    assert json.loads((stage2 / "training.json").read_text())["init"] == str(tmp_path)
+    fresh_start = train.train(train.TrainConfig(**STEPS), images=_images(), progress=False)
+    for (name, a), (_, b), (_, c) in zip(continued.state_dict().items(), loaded.state_dict().items(), trained.state_dict().items()):
+        assert torch.equal(b, c), name  # continuing does not modify the saved model
+    changed = [n for (n, a), (_, b) in zip(continued.state_dict().items(), loaded.state_dict().items()) if not torch.equal(a, b)]
+    assert changed, "continued training left every weight unchanged"
+    assert any(not torch.equal(a, b) for a, b in zip(continued.state_dict().values(), fresh_start.state_dict().values()))
+
 
 def test_training_is_reproducible_and_changes_the_weights():
     cfg = train.TrainConfig(**STEPS)

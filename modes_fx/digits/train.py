@@ -1,12 +1,15 @@
 """Reproducible training of the digits benchmark model.
 
-    python -m modes_fx.digits.train --out DIR [--steps N] [--batch-size B] [--seed S]
+    python -m modes_fx.digits.train --out DIR [--steps N] [--batch-size B] [--seed S] [--init DIR]
 
 Each step samples ``batch_size`` training questions (seeded), runs the vision and the text
 questions as two forwards (so text rows are not padded to the image rows' length), and takes one
 AdamW step on cross-entropy of the answer token at the last position plus transformers' router
 load-balancing loss. Learning rate: linear warm-up, then cosine decay to 10%. The model is saved
 with ``save_pretrained`` next to ``training.json`` (settings, final loss, wall and CPU seconds).
+``--init DIR`` continues from a saved model (a new warm-up and cosine cycle) instead of a fresh
+``digits.model.build(seed)``; the committed checkpoint was trained in two such stages
+(docs/digits.md).
 
 Same seed, same thread count, same machine → same weights (fp32 sums may differ across thread
 counts).
@@ -59,17 +62,24 @@ def _loss(model: torch.nn.Module, questions: list[data.Question], total: int, au
     return (ce + aux_loss_coef * len(questions) * out.aux_loss) / total
 
 
-def train(cfg: TrainConfig, out: str | Path | None = None, images: list[int] | None = None, progress: bool = True) -> torch.nn.Module:
-    """Train a fresh ``digits.model.build(cfg.seed)`` for ``cfg.steps`` steps; save it to ``out``
-    when given. ``images`` restricts training to those image indices (default: the train split).
-    Returns the model in eval mode. Sets torch's intra-op thread count to ``cfg.threads``."""
+def train(
+    cfg: TrainConfig,
+    out: str | Path | None = None,
+    images: list[int] | None = None,
+    init: str | Path | None = None,
+    progress: bool = True,
+) -> torch.nn.Module:
+    """Train a fresh ``digits.model.build(cfg.seed)``, or the model saved in ``init``, for
+    ``cfg.steps`` steps; save it to ``out`` when given. ``images`` restricts training to those
+    image indices (default: the train split). Returns the model in eval mode. Sets torch's
+    intra-op thread count to ``cfg.threads``."""
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"steps and batch_size must be ≥ 1, got {cfg.steps}, {cfg.batch_size}")
     train_images = data.split_images("train")
     if images is not None and not set(images) <= set(train_images):
         raise ValueError("images must be indices of train-split images")
     torch.set_num_threads(cfg.threads)
-    model = digits_model.build(seed=cfg.seed)
+    model = digits_model.build(seed=cfg.seed) if init is None else digits_model.load(init).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
     rng = np.random.default_rng(cfg.seed)
@@ -93,6 +103,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, images: list[int] | N
         model.save_pretrained(out)
         info = {
             "config": asdict(cfg),
+            "init": None if init is None else str(init),
             "train_images": len(images) if images is not None else len(train_images),
             "final_loss_ema": loss_ema,
             "wall_seconds": round(time.perf_counter() - wall, 1),
@@ -107,13 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m modes_fx.digits.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory to save_pretrained into")
+    parser.add_argument("--init", default=None, help="continue from this saved model instead of a fresh one")
     for name in ("steps", "batch_size", "seed", "threads", "warmup"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lr", "weight_decay", "aux_loss_coef"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    train(TrainConfig(**args), out=out)
+    out, init = args.pop("out"), args.pop("init")
+    train(TrainConfig(**args), out=out, init=init)
 
 
 if __name__ == "__main__":
