@@ -1,5 +1,5 @@
 """The ``modes`` command line: ``modes demo``, ``modes calibrate``, ``modes schedule show FILE``,
-``modes bench speed``."""
+``modes bench speed``, ``modes bench accuracy``."""
 from __future__ import annotations
 
 import argparse
@@ -60,11 +60,17 @@ def _bench_speed(args) -> int:
     return bench.speed(args)
 
 
+def _bench_accuracy(args) -> int:
+    from modes_fx.digits import benchmark
+
+    return benchmark.accuracy_command(args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modes", description="MoDES dynamic expert skipping for MoE (multimodal) LLMs")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="attach, compile and run a tiny Qwen3-VL-MoE with skipping")
-    d.add_argument("--quick", action="store_true", help="2 layers, eager inner compiler (seconds)")
+    d = sub.add_parser("demo", help="calibrate, compile and evaluate MoDES at 88%% skip on the embedded digits VLM")
+    d.add_argument("--quick", action="store_true", help="subsets of the splits, eager inner compiler (for tests)")
     d.add_argument("--inner", choices=["inductor", "eager"], default="inductor", help="inner compiler after the modes passes")
     d.set_defaults(run=_demo)
     c = sub.add_parser("calibrate", help="calibrate a schedule (GMLG + frontier search) for a local model folder")
@@ -93,6 +99,10 @@ def parser() -> argparse.ArgumentParser:
     speed = b_sub.add_parser("speed", help="latency of eager, inductor and modes at several skip ratios")
     bench_arguments(speed)
     speed.set_defaults(run=_bench_speed)
+    accuracy = b_sub.add_parser("accuracy", help="accuracy retained by MoDES and every baseline at equal skip ratios (digits VLM)")
+    accuracy.add_argument("--quick", action="store_true", help="3 methods at 88%% on subsets of the splits")
+    accuracy.add_argument("--out", default="bench-out", help="folder for accuracy.json / .md / .png")
+    accuracy.set_defaults(run=_bench_accuracy)
     return p
 
 
