@@ -1,0 +1,172 @@
+"""``modes bench accuracy``: accuracy kept by MoDES and by every baseline at equal measured skip
+ratios, on the embedded digits VLM (the analogue of the paper's Table 1 / Figure 1).
+
+For each method of :data:`modes_fx.calib.baselines.METHODS` and each target skip ratio, the
+method's knob is tuned on the calibration split until ``track()`` reads the target (± the
+tuner's tolerance); the tuned schedule is then deployed on the same compiled model (same op
+path as inference) and evaluated on the held-out test split, where the skip ratio is measured
+again. Accuracy is the fraction of test questions answered correctly; retention is accuracy
+divided by the dense model's accuracy (uncompiled, no skipping), in %.
+
+Outputs: a markdown table on stdout (and in ``accuracy.md``), ``accuracy.json`` and
+``accuracy.png`` (retention vs measured skip ratio, one line per method) in ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+import modes_fx
+from modes_fx.calib.baselines import METHODS, BaselineTuner
+
+from . import data, evaluate
+from . import model as digits_model
+
+TARGETS = (0.5, 0.67, 0.83, 0.88)
+QUICK = dict(targets=(0.88,), methods=("top_k", "uniform_threshold", "modes"), calib_limit=128, test_limit=256, grid_points=24)
+FULL = dict(targets=TARGETS, methods=METHODS, calib_limit=512, test_limit=None, grid_points=50)
+
+
+@dataclass
+class Row:
+    """One method at one target skip ratio. Skip ratios are fractions of routed (token, expert)
+    pairs; accuracies are fractions of questions; retention is % of the dense accuracy."""
+
+    method: str
+    target: float
+    calib_skip: float
+    calib_kl: float
+    reached: bool
+    skip: float
+    skip_by_modality: dict[str, float]
+    accuracy: float
+    accuracy_by_modality: dict[str, float]
+    accuracy_by_type: dict[str, float]
+    retention: float
+    knob: float
+    tune_passes: int
+
+
+@dataclass
+class Result:
+    dense_accuracy: float
+    dense_by_modality: dict[str, float]
+    dense_by_type: dict[str, float]
+    rows: list[Row] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def evaluate_deployed(tuner: BaselineTuner, schedule: modes_fx.Schedule, batches: list[data.Batch]):
+    """(accuracy, tracker) of ``schedule`` deployed on the tuner's compiled model, on ``batches``."""
+    tuner.session.state.set_thresholds(schedule.thresholds(), schedule.rule)
+    with modes_fx.track() as stats:
+        acc = evaluate.accuracy(tuner.session.model, batches)
+    return acc, stats
+
+
+def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: bool = True, **overrides) -> Result:
+    """Tune every method to every target on the calibration split, evaluate on the test split.
+
+    ``quick``: 3 methods at 88% on a subset (for tests and a first look); ``overrides`` replace
+    entries of :data:`FULL` / :data:`QUICK` (targets, methods, calib_limit, test_limit, grid_points)."""
+    start = time.perf_counter()
+    cfg = {**(QUICK if quick else FULL), **overrides}
+    model = digits_model.load()
+    test = data.split_batches("test", limit=cfg["test_limit"])
+    calib = data.calibration_data("calibration", limit=cfg["calib_limit"])
+    dense = evaluate.accuracy(model, test)
+    result = Result(dense.overall, dense.by_modality, dense.by_type, config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()})
+    echo(f"dense test accuracy {100 * dense.overall:.2f}% on {sum(dense.total.values())} questions "
+         f"({len(calib)} calibration batches); tuning {len(cfg['methods'])} methods x {len(cfg['targets'])} skip ratios")
+    with BaselineTuner(model, calib, grid_points=cfg["grid_points"], progress=progress) as tuner:
+        for method in cfg["methods"]:
+            for target in cfg["targets"]:
+                tuned = tuner.tune(method, target)
+                acc, stats = evaluate_deployed(tuner, tuned.schedule, test)
+                row = Row(
+                    method, target, tuned.skip, tuned.kl, tuned.reached, stats.skip_ratio, stats.by_modality,
+                    acc.overall, acc.by_modality, acc.by_type, 100 * acc.overall / dense.overall, tuned.knob, tuned.passes,
+                )
+                result.rows.append(row)
+                echo(f"  {method:<19s} target {target:.2f}: test skip {row.skip:.3f}, accuracy {100 * row.accuracy:.2f}% "
+                     f"(retention {row.retention:.2f}%)" + ("" if tuned.reached else "  [target not reached on calibration]"))
+    result.seconds = time.perf_counter() - start
+    if out_dir is not None:
+        write(result, Path(out_dir), echo)
+    echo(format_table(result))
+    return result
+
+
+def format_table(result: Result) -> str:
+    """Markdown: retention (and accuracy) per method and target, measured test skip in each cell,
+    then the per-modality (vision / text question) retention."""
+    targets = sorted({r.target for r in result.rows})
+    methods = list(dict.fromkeys(r.method for r in result.rows))
+    cell = {(r.method, r.target): r for r in result.rows}
+    head = "| method | " + " | ".join(f"{100 * t:.0f}% skip" for t in targets) + " |"
+    lines = [f"Dense accuracy: {100 * result.dense_accuracy:.2f}% (vision {100 * result.dense_by_modality.get('vision', float('nan')):.2f}%, "
+             f"text {100 * result.dense_by_modality.get('text', float('nan')):.2f}%).",
+             "", "Retention (% of dense accuracy) [accuracy %, measured test skip]:", "", head, "|---" * (len(targets) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for t in targets:
+            r = cell.get((m, t))
+            cells.append("-" if r is None else f"**{r.retention:.2f}** [{100 * r.accuracy:.1f}, {r.skip:.3f}]" + ("" if r.reached else " †"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Retention on vision / text questions (% of dense on the same questions):", "", head, "|---" * (len(targets) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for t in targets:
+            r = cell.get((m, t))
+            if r is None:
+                cells.append("-")
+                continue
+            parts = [f"{100 * r.accuracy_by_modality[k] / result.dense_by_modality[k]:.1f}" for k in ("vision", "text") if k in r.accuracy_by_modality]
+            cells.append(" / ".join(parts))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if any(not r.reached for r in result.rows):
+        lines += ["", "† the method could not reach the target skip ratio on the calibration split (closest value shown)."]
+    return "\n".join(lines)
+
+
+def write(result: Result, out_dir: Path, echo=print) -> None:
+    """``accuracy.json``, ``accuracy.md`` and (with matplotlib) ``accuracy.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "accuracy.json").write_text(json.dumps(asdict(result), indent=2))
+    (out_dir / "accuracy.md").write_text(format_table(result) + "\n")
+    plotted = plot(result, out_dir / "accuracy.png")
+    echo(f"wrote {out_dir / 'accuracy.json'}, accuracy.md" + (" and accuracy.png" if plotted else " (no plot: pip install modes-fx[bench])"))
+
+
+def plot(result: Result, path: Path) -> Path | None:
+    """Retention vs measured test skip ratio, one line per method; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method in dict.fromkeys(r.method for r in result.rows):
+        rows = sorted((r for r in result.rows if r.method == method), key=lambda r: r.skip)
+        ax.plot([100 * r.skip for r in rows], [r.retention for r in rows], marker="o", label=method, linewidth=2.5 if method == "modes" else 1.2)
+    ax.set_xlabel("experts skipped (% of routed pairs, measured on the test split)")
+    ax.set_ylabel("accuracy retained (% of dense)")
+    ax.set_title("digits VLM (Qwen3-VL-MoE class): retention vs skip ratio")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def accuracy_command(args: argparse.Namespace) -> int:
+    run(quick=args.quick, out_dir=Path(args.out))
+    return 0
