@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,7 +18,7 @@ from modes_fx.sites import model_fingerprint
 
 from .cache import DiskCache
 from .data import CalibrationBatch, fingerprint, prepare
-from .frontier import frontier_search, search_mode
+from .frontier import FrontierResult, frontier_search, search_mode
 from .grids import PAPER_POINTS, PAPER_X_MAX, tau_grid
 from .importance import importance_kls, normalise
 from .measure import Measurement
@@ -91,14 +91,7 @@ def calibrate(
     sections = (cache.section("importance"), cache.section("frontier")) if cache else (None, None)
     with CalibrationSession(model, batches, modalities, inner) as session:
         alpha = normalise(importance_kls(session, sections[0], progress), modalities)
-        with tqdm(desc="frontier search", disable=not progress) as bar:
-
-            def evaluate(taus: tuple[float, ...]) -> tuple[float, float]:
-                bar.update()
-                result: Measurement = session.measure_table(session.schedule(alpha, list(taus)).thresholds())
-                return result.kl, result.skip
-
-            found = frontier_search(evaluate, grids, target_skip, cache=sections[1], mode=mode)
+        found = search_thresholds(session, alpha, grids, target_skip, sections[1], mode, progress)
     if not found.feasible:
         raise ValueError(found.message)
     return dataclasses.replace(
@@ -118,9 +111,31 @@ def calibrate(
     )
 
 
+def search_thresholds(
+    session: CalibrationSession,
+    alpha: list[list[float]],
+    grids: Sequence[Sequence[float]],
+    target_skip: float,
+    cache: MutableMapping | None = None,
+    mode: str = "auto",
+    progress: bool = True,
+) -> FrontierResult:
+    """Frontier search (DMT) of one τ per schedule column for layer importance α [L][M]: the
+    lowest-KL point of ``grids`` (one ascending τ grid per column) whose skip ratio measured on
+    the session's data reaches ``target_skip``. cache: τ tuple → (KL, skip), read and filled."""
+    with tqdm(desc="frontier search", disable=not progress) as bar:
+
+        def evaluate(taus: tuple[float, ...]) -> tuple[float, float]:
+            bar.update()
+            result: Measurement = session.measure_table(session.schedule(alpha, list(taus)).thresholds())
+            return result.kl, result.skip
+
+        return frontier_search(evaluate, grids, target_skip, cache=cache, mode=mode)
+
+
 def evaluate_schedule(model: torch.nn.Module, data: Iterable[dict], schedule: Schedule, inner: str = "eager") -> Measurement:
     """A fresh measurement of ``schedule`` on ``data``: KL against the unskipped model and skip ratio."""
     schedule.check_model(model)
     batches = prepare(data)
     with CalibrationSession(model, batches, schedule.modalities, inner) as session:
-        return session.measure_table(schedule.thresholds())
+        return session.measure_schedule(schedule)

@@ -6,7 +6,7 @@ what inference does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,10 +17,12 @@ from .data import CalibrationBatch
 
 @dataclass
 class Measurement:
-    """kl: mean KL(reference ‖ current) over answer tokens, in nats; skip: skipped / counted pairs."""
+    """kl: mean KL(reference ‖ current) over answer tokens, in nats; skip: skipped / counted pairs;
+    by_modality: skip ratio per schedule column that had tokens."""
 
     kl: float
     skip: float
+    by_modality: dict[str, float] = field(default_factory=dict)
 
 
 def _answer_logprobs(run: Callable, batch: CalibrationBatch) -> torch.Tensor:
@@ -47,4 +49,4 @@ def measure(run: Callable, batches: list[CalibrationBatch], reference: list[torc
             ref = ref.to(cur.device)
             total_kl += float((ref.exp() * (ref - cur)).sum())
             tokens += ref.shape[0]
-    return Measurement(kl=max(total_kl, 0.0) / tokens, skip=stats.skip_ratio)
+    return Measurement(kl=max(total_kl, 0.0) / tokens, skip=stats.skip_ratio, by_modality=stats.by_modality)

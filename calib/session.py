@@ -70,8 +70,13 @@ class CalibrationSession:
         return dataclasses.replace(self.base, alpha=alpha, tau=list(tau), calibration={})
 
     def measure_table(self, table: torch.Tensor) -> Measurement:
-        """KL and skip ratio with the threshold table float32 [L, M + 1] in force."""
+        """KL and skip ratio with the threshold table float32 [L, M + 1] (rule "pi") in force."""
         self.state.set_thresholds(table)
+        return measure(self.model, self.batches, self.reference)
+
+    def measure_schedule(self, schedule: Schedule) -> Measurement:
+        """KL and skip ratio with ``schedule`` (any rule; for this session's model) in force."""
+        self.state.set_thresholds(schedule.thresholds(), schedule.rule)
         return measure(self.model, self.batches, self.reference)
 
     def ablation_table(self, layer: int, column: int) -> torch.Tensor:

@@ -178,7 +178,7 @@ def route_mask_impl(scores: torch.Tensor, router_weight: torch.Tensor) -> torch.
         raise RuntimeError("modes: route_mask got a router weight that belongs to no attached model")
     state = role.state
     modality_ids = state.call_modality_ids(scores.shape[0], scores.device)
-    keep = keep_mask(scores, modality_ids, state.site_thresholds(role.site, scores.device))
+    keep = state.keep_mask(role.site, scores, modality_ids)
     tracking.record(state.sites[role.site].path, state.schedule.modalities, modality_ids, keep)
     return keep
 

@@ -1,18 +1,21 @@
 """The attached state of a model at run time, and the lookup from a weight tensor to its MoE site.
 
 Compiled graphs carry no per-layer constants: the ``modes::route_mask`` op finds its site from the
-router weight it is handed (by storage address), so one graph that Dynamo reuses for several
-layers applies each layer's own thresholds, and thresholds can change between calls without a
-recompile (calibration relies on that).
+router weight it is handed (by storage address) and asks ``AttachedState.keep_mask``, so one graph
+that Dynamo reuses for several layers applies each layer's own thresholds, and the thresholds and
+the rule can change between calls without a recompile (calibration relies on that).
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from modes_fx.kernels.reference import RULES, keep_mask
 from modes_fx.modality import UNMAPPED, kind_to_column, special_token_ids, token_modality_ids
 from modes_fx.schedule import Schedule
 from modes_fx.sites import MoESite, find_moe_sites, site_parameters
@@ -33,7 +36,9 @@ class ParamRole:
 class AttachedState:
     """Everything ``attach`` installs on one model.
 
-    thresholds: float32 [L, M + 1], column 0 = -inf (no modality), column c + 1 = τ[c] / α[l, c].
+    thresholds: float32 [L, M + 1] in units of ``rule``'s score, column 0 = -inf (no modality);
+        for rule "pi" column c + 1 = τ[c] / α[l, c] (see ``Schedule.thresholds``).
+    rule: the skipping rule the table is for (``kernels.reference.RULES``).
     modality_ids: int64 [T] for the current call (set by the forward pre-hook), or None.
     """
 
@@ -43,9 +48,11 @@ class AttachedState:
     kind_token_ids: dict[str, int]
     kind_ids: dict[str, int]
     thresholds: torch.Tensor
+    rule: str = "pi"
     modality_ids: torch.Tensor | None = None
     hook_handle: object = None
     _device_thresholds: dict = field(default_factory=dict)
+    _score_observers: list = field(default_factory=list)
 
     def __repr__(self) -> str:
         return f"AttachedState({self.schedule.model_class}, {len(self.sites)} sites, modalities={self.schedule.modalities})"
@@ -59,16 +66,21 @@ class AttachedState:
             kind_token_ids=special_token_ids(model.config),
             kind_ids=kind_to_column(schedule.modalities),
             thresholds=schedule.thresholds(),
+            rule=schedule.rule,
         )
 
-    def set_thresholds(self, table: torch.Tensor) -> None:
-        """Replace the threshold table (float32 [L, M + 1]); takes effect at the next call, no recompile."""
+    def set_thresholds(self, table: torch.Tensor, rule: str = "pi") -> None:
+        """Replace the threshold table (float32 [L, M + 1], in units of ``rule``'s score) and the
+        rule; takes effect at the next call, no recompile."""
         expected = tuple(self.thresholds.shape)
         if tuple(table.shape) != expected:
             raise ValueError(f"threshold table must have shape {expected}, got {tuple(table.shape)}")
         if torch.isnan(table).any():
             raise ValueError("threshold table contains NaN")
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
         self.thresholds = table.detach().to(torch.float32, copy=True).cpu()
+        self.rule = rule
         self._device_thresholds.clear()
 
     def site_thresholds(self, site: int, device: torch.device) -> torch.Tensor:
@@ -77,6 +89,23 @@ class AttachedState:
         if table is None:
             table = self._device_thresholds[device] = self.thresholds.to(device)
         return table[site]
+
+    def keep_mask(self, site: int, scores: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor:
+        """Keep mask bool [T, k] of MoE site ``site`` for π ``scores`` float32 [T, k] of tokens
+        with modality ids ``modality_ids`` int64 [T], under the current rule and thresholds."""
+        for observe in self._score_observers:
+            observe(site, scores, modality_ids)
+        return keep_mask(scores, modality_ids, self.site_thresholds(site, scores.device), self.rule)
+
+    @contextlib.contextmanager
+    def observing_scores(self, observer: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+        """Within the block, ``observer(site, scores, modality_ids)`` sees every ``keep_mask``
+        call (calibration statistics such as the routing-weight ratios NAEE needs)."""
+        self._score_observers.append(observer)
+        try:
+            yield
+        finally:
+            self._score_observers.remove(observer)
 
     def record_call(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
         """Compute the modality id of every token of the call about to run (see modality.py)."""

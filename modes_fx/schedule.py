@@ -1,13 +1,17 @@
-"""The per-model skipping plan: layer importance α[l, m] and modality thresholds τ[m].
+"""The per-model skipping plan: a skipping rule and its per-(MoE site, modality) values.
 
-MoDES skips the routed (token, expert) pair of a token of modality column m at MoE site l when
-α[l, m] · π < τ[m], π being the pair's routing weight (see docs/architecture.md). A Schedule is
-made once per model (by calibration, or by hand with ``Schedule.constant``), saved as versioned
-JSON and checked against the model it is attached to.
+MoDES (rule "pi", the default) skips the routed (token, expert) pair of a token of modality column
+m at MoE site l when α[l, m] · π < τ[m], π being the pair's routing weight (see
+docs/architecture.md). The baselines of calib/baselines.py are schedules too, with other rules:
+"ratio_to_top1" skips slot j when π_j < β[l, m] · π_top1 (the top-1 slot is never skipped) and
+"rank" keeps the kept_slots[l, m] highest-π slots. A Schedule is made once per model (by
+calibration, or by hand with ``Schedule.constant`` / ``with_rule``), saved as versioned JSON and
+checked against the model it is attached to.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import numbers
@@ -18,14 +22,23 @@ from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
+from modes_fx.kernels.reference import RULES
 from modes_fx.modality import GROUP_COLUMNS, TOKEN_KINDS, check_columns, special_token_ids
 from modes_fx.sites import MoESite, check_supported, find_moe_sites, model_fingerprint
 
-FORMAT_VERSION = 1
-_INF = "inf"  # how +inf τ is written: JSON has no infinity
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no rule field, always "pi"
+_INF = "inf"  # how +inf τ or β is written: JSON has no infinity
+RULE_FIELDS = {"pi": ("alpha", "tau"), "ratio_to_top1": ("beta",), "rank": ("kept_slots",)}
+"""The fields holding each rule's values; the fields of the other rules must be None."""
+_RULE_TEXT = {
+    "pi": "skip when alpha * pi < tau",
+    "ratio_to_top1": "skip slot j when pi_j < beta * pi_top1; top-1 kept",
+    "rank": "keep the kept_slots highest-pi slots",
+}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Schedule:
     """Skipping plan of one model.
 
@@ -33,9 +46,16 @@ class Schedule:
         modalities: schedule columns, e.g. ["text", "image", "video"] or ["text", "vision"];
             column c has modality id c + 1 (id 0 = padding, never skipped).
         site_paths: module paths of the model's MoE blocks, in layer order (L of them).
-        alpha: layer importance α, [L][M], finite and ≥ 0 (each column sums to 1 after
-            calibration; a hand-made schedule may use uniform 1/L).
-        tau: threshold τ per column, [M], ≥ 0; +inf skips every routed pair of that column.
+        rule: the skipping rule, one of RULES; its values live in the fields RULE_FIELDS names,
+            the other rules' fields are None.
+        alpha: rule "pi": layer importance α, [L][M], finite and ≥ 0 (each column sums to 1
+            after calibration; a hand-made schedule may use uniform 1/L).
+        tau: rule "pi": threshold τ per column, [M], ≥ 0; +inf skips every routed pair of that
+            column.
+        beta: rule "ratio_to_top1": β, [L][M], ≥ 0 (+inf allowed): slot j of a token is skipped
+            when π_j < β · π_top1; the slot of highest π is never skipped.
+        kept_slots: rule "rank": k', [L][M], integers in [1, top_k]: each token keeps its k'
+            highest-π slots (ties: the earlier slot).
         top_k, num_experts: routing of every MoE site (k of E experts).
         model_class: class name of the model the schedule was made for.
         fingerprint: ``sites.model_fingerprint`` of that model ({} skips the fingerprint checks).
@@ -44,13 +64,16 @@ class Schedule:
         calibration: free-form JSON-serialisable metadata (data size, grid, KL, ...).
         format_version: version of the JSON format; only FORMAT_VERSION is supported.
 
-    -0.0 in α or τ is stored as 0.0 (so that τ / α never gives -inf).
+    -0.0 in α, τ or β is stored as 0.0 (so that τ / α never gives -inf).
     """
 
     modalities: list[str]
     site_paths: list[str]
-    alpha: list[list[float]]
-    tau: list[float]
+    rule: str = "pi"
+    alpha: list[list[float]] | None = None
+    tau: list[float] | None = None
+    beta: list[list[float]] | None = None
+    kept_slots: list[list[int]] | None = None
     top_k: int
     num_experts: int
     model_class: str
@@ -61,13 +84,19 @@ class Schedule:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
-        self.alpha = _as_list(self.alpha)
-        self.tau = _as_list(self.tau)
+        for name in _TABLE_FIELDS:
+            setattr(self, name, _as_list(getattr(self, name)))
         self.validate()
         self.modalities = list(self.modalities)
         self.site_paths = list(self.site_paths)
-        self.alpha = [[float(a) + 0.0 for a in row] for row in self.alpha]
-        self.tau = [float(t) + 0.0 for t in self.tau]
+        if self.alpha is not None:
+            self.alpha = [[float(a) + 0.0 for a in row] for row in self.alpha]
+        if self.tau is not None:
+            self.tau = [float(t) + 0.0 for t in self.tau]
+        if self.beta is not None:
+            self.beta = [[float(b) + 0.0 for b in row] for row in self.beta]
+        if self.kept_slots is not None:
+            self.kept_slots = [[int(k) for k in row] for row in self.kept_slots]
         self.fingerprint = dict(self.fingerprint)
         self.calibration = dict(self.calibration)
 
@@ -110,15 +139,25 @@ class Schedule:
             calibration={"method": "constant"},
         )
 
+    def with_rule(self, rule: str, **values) -> Schedule:
+        """This schedule's model fields with ``rule`` and its values (the fields RULE_FIELDS
+        names), e.g. ``s.with_rule("rank", kept_slots=[[1, 1], [2, 2]])``; the other rules'
+        fields, target_skip, measured_skip and calibration are cleared."""
+        cleared = dict.fromkeys(_TABLE_FIELDS)
+        return dataclasses.replace(
+            self, rule=rule, **{**cleared, **values}, target_skip=None, measured_skip=None, calibration={}
+        )
+
     # ------------------------------------------------------------------------------------------
     # Validation
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the offending value or position when the
-        schedule is inconsistent (shapes, NaN or negative α/τ, unknown modality, ...)."""
+        schedule is inconsistent (unknown rule, missing or extra rule values, shapes, NaN or
+        negative α/τ/β, kept_slots out of range, unknown modality, ...)."""
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"format_version {self.format_version!r} is not supported (expected {FORMAT_VERSION})")
-        for name in ("modalities", "site_paths", "alpha", "tau"):
+        for name in ("modalities", "site_paths"):
             _check_list(name, getattr(self, name))
         if not self.modalities or not all(isinstance(m, str) for m in self.modalities):
             raise ValueError(f"modalities must be a non-empty list of names, got {self.modalities!r}")
@@ -128,22 +167,50 @@ class Schedule:
             raise ValueError(f"modalities: {e}") from None
         if not self.site_paths or not all(isinstance(p, str) for p in self.site_paths):
             raise ValueError(f"site_paths must be a non-empty list of module paths, got {self.site_paths!r}")
-        self._validate_alpha()
-        self._validate_tau()
         self._validate_scalars()
+        self._validate_rule()
 
-    def _validate_alpha(self) -> None:
+    def _validate_rule(self) -> None:
+        if not isinstance(self.rule, str) or self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; expected one of {', '.join(RULES)}")
+        needed = RULE_FIELDS[self.rule]
+        for name in _TABLE_FIELDS:
+            given = getattr(self, name) is not None
+            if name in needed and not given:
+                raise ValueError(f"missing {name}: rule {self.rule!r} takes {', '.join(needed)}")
+            if given and name not in needed:
+                raise ValueError(f"{name} does not apply to rule {self.rule!r}, which takes {', '.join(needed)}")
+        if self.rule == "pi":
+            self._validate_table("alpha", lambda where, a: _check_number(where, a, allow_inf=False))
+            self._validate_tau()
+        elif self.rule == "ratio_to_top1":
+            self._validate_table("beta", lambda where, b: _check_number(where, b, allow_inf=True))
+        else:
+            self._validate_table("kept_slots", self._check_kept)
+
+    def _validate_table(self, name: str, check_value) -> None:
+        """A [L][M] table: one row per MoE site, one value per column, each passing ``check_value``."""
+        table = getattr(self, name)
+        _check_list(name, table)
         L, M = len(self.site_paths), len(self.modalities)
-        if len(self.alpha) != L:
-            raise ValueError(f"alpha has {len(self.alpha)} rows, site_paths has {L} MoE sites")
-        for l, row in enumerate(self.alpha):
-            _check_list(f"alpha[{l}]", row)
+        if len(table) != L:
+            raise ValueError(f"{name} has {len(table)} rows, site_paths has {L} MoE sites")
+        for l, row in enumerate(table):
+            _check_list(f"{name}[{l}]", row)
             if len(row) != M:
-                raise ValueError(f"alpha[{l}] has {len(row)} values, modalities has {M} columns")
-            for c, a in enumerate(row):
-                _check_number(f"alpha[{l}][{c}]", a, allow_inf=False)
+                raise ValueError(f"{name}[{l}] has {len(row)} values, modalities has {M} columns")
+            for c, value in enumerate(row):
+                check_value(f"{name}[{l}][{c}]", value)
+
+    def _check_kept(self, where: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= self.top_k:
+            raise ValueError(
+                f"{where} = {value!r} is out of range: rule 'rank' keeps an integer number of slots "
+                f"in [1, top_k={self.top_k}]"
+            )
 
     def _validate_tau(self) -> None:
+        _check_list("tau", self.tau)
         M = len(self.modalities)
         if len(self.tau) != M:
             raise ValueError(f"tau has {len(self.tau)} values, modalities has {M} columns")
@@ -209,49 +276,67 @@ class Schedule:
     # Thresholds
 
     def thresholds(self) -> torch.Tensor:
-        """Threshold table float32 [L, M + 1] with the layer scale folded in.
+        """Threshold table float32 [L, M + 1] in units of the rule's score
+        (``kernels.reference.rule_scores``): a pair is skipped when its score is below it.
 
-        Column 0 (modality id 0, padding) is -inf: never skipped. Column c + 1 is τ[c] / α[l][c],
-        so that α·π < τ ⟺ π < threshold: τ = 0 → 0 (never skip, π ≥ 0); α = 0 with τ > 0 →
-        +inf (always skip); τ = +inf → +inf."""
-        alpha = torch.tensor(self.alpha, dtype=torch.float64)
-        tau = torch.tensor(self.tau, dtype=torch.float64).expand_as(alpha)
-        scaled = torch.where(tau == 0, torch.zeros_like(alpha), tau / alpha)
-        padding = torch.full((alpha.shape[0], 1), -math.inf, dtype=torch.float64)
-        return torch.cat([padding, scaled], dim=1).to(torch.float32)
+        Column 0 (modality id 0, padding) is -inf: never skipped. Column c + 1 is, by rule:
+        "pi": τ[c] / α[l][c], so that α·π < τ ⟺ π < threshold: τ = 0 → 0 (never skip, π ≥ 0);
+        α = 0 with τ > 0 → +inf (always skip); τ = +inf → +inf. "ratio_to_top1": β[l][c].
+        "rank": top_k − kept_slots[l][c] (the score counts the slots ranked below a slot)."""
+        if self.rule == "pi":
+            alpha = torch.tensor(self.alpha, dtype=torch.float64)
+            tau = torch.tensor(self.tau, dtype=torch.float64).expand_as(alpha)
+            table = torch.where(tau == 0, torch.zeros_like(alpha), tau / alpha)
+        elif self.rule == "ratio_to_top1":
+            table = torch.tensor(self.beta, dtype=torch.float64)
+        else:
+            table = self.top_k - torch.tensor(self.kept_slots, dtype=torch.float64)
+        padding = torch.full((table.shape[0], 1), -math.inf, dtype=torch.float64)
+        return torch.cat([padding, table], dim=1).to(torch.float32)
 
     # ------------------------------------------------------------------------------------------
     # JSON
 
     def to_dict(self) -> dict:
-        """The JSON document (format_version first; +inf τ written as "inf")."""
+        """The JSON document (format_version first; the fields of other rules left out; +inf
+        τ or β written as "inf")."""
         doc = {"format_version": self.format_version}
         for f in fields(self):
-            if f.name != "format_version":
-                doc[f.name] = copy.deepcopy(getattr(self, f.name))
-        doc["tau"] = [_INF if t == math.inf else t for t in self.tau]
+            value = getattr(self, f.name)
+            if f.name != "format_version" and not (f.name in _TABLE_FIELDS and value is None):
+                doc[f.name] = copy.deepcopy(value)
+        if self.tau is not None:
+            doc["tau"] = [_INF if t == math.inf else t for t in self.tau]
+        if self.beta is not None:
+            doc["beta"] = [[_INF if b == math.inf else b for b in row] for row in self.beta]
         return doc
 
     @classmethod
     def from_dict(cls, doc: Mapping) -> Schedule:
-        """Inverse of ``to_dict``; raises ValueError on a missing/unknown version or field."""
+        """Inverse of ``to_dict``, also reading version 1 documents (MoDES α and τ, no rule
+        field); raises ValueError on a missing/unknown version or field."""
         if not isinstance(doc, Mapping):
             raise ValueError(f"a schedule is a JSON object, got {type(doc).__name__}")
         if "format_version" not in doc:
             raise ValueError("missing format_version: not a modes-fx schedule")
-        if doc["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"format_version {doc['format_version']!r} is not supported (expected {FORMAT_VERSION})")
-        names = {f.name for f in fields(cls)}
+        version = doc["format_version"]
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            raise ValueError(
+                f"format_version {version!r} is not supported (expected one of {', '.join(map(str, READABLE_VERSIONS))})"
+            )
+        names = {f.name for f in fields(cls)} - (set(_VERSION_2_FIELDS) if version == 1 else set())
         unknown = sorted(set(doc) - names)
         if unknown:
-            raise ValueError(f"unknown field(s) {', '.join(unknown)}")
+            raise ValueError(f"unknown field(s) {', '.join(unknown)} in a version {version} schedule")
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [name for name in required if name not in doc]
         if missing:
             raise ValueError(f"missing field(s) {', '.join(missing)}")
-        values = dict(doc)
+        values = {**doc, "format_version": FORMAT_VERSION}
         if isinstance(values.get("tau"), list):
-            values["tau"] = [math.inf if t == _INF else t for t in values["tau"]]
+            values["tau"] = [_read_inf(t) for t in values["tau"]]
+        if isinstance(values.get("beta"), list):
+            values["beta"] = [[_read_inf(b) for b in row] if isinstance(row, list) else row for row in values["beta"]]
         return cls(**values)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -275,18 +360,21 @@ class Schedule:
     # Display
 
     def table(self) -> str:
-        """Human-readable summary: header, τ per modality, then α per MoE site (one row each)."""
+        """Human-readable summary: header (with the rule), τ per modality (rule "pi"), then the
+        rule's per-site values (α, β or kept slots) per MoE site (one row each)."""
         width = max(10, *(len(m) + 2 for m in self.modalities))
         head = "".join(f"{m:>{width}}" for m in self.modalities)
         lines = [
             f"Schedule for {self.model_class}: {len(self.site_paths)} MoE sites, top-{self.top_k} of "
-            f"{self.num_experts} experts, format {self.format_version}",
+            f"{self.num_experts} experts, format {self.format_version}, rule {self.rule} ({_RULE_TEXT[self.rule]})",
             f"skip ratio: target {_fmt_ratio(self.target_skip)}, measured {_fmt_ratio(self.measured_skip)}",
             f"{'':>6}{head}",
-            f"{'tau':>6}" + "".join(f"{_fmt(t):>{width}}" for t in self.tau),
-            f"{'alpha':<6}",
         ]
-        for l, (row, path) in enumerate(zip(self.alpha, self.site_paths)):
+        if self.rule == "pi":
+            lines.append(f"{'tau':>6}" + "".join(f"{_fmt(t):>{width}}" for t in self.tau))
+        name = RULE_FIELDS[self.rule][0]
+        lines.append(f"{name:<6}")
+        for l, (row, path) in enumerate(zip(getattr(self, name), self.site_paths)):
             lines.append(f"{l:>6}" + "".join(f"{_fmt(a):>{width}}" for a in row) + f"  {path}")
         return "\n".join(lines)
 
@@ -294,8 +382,16 @@ class Schedule:
         return self.table()
 
 
+_TABLE_FIELDS = tuple(name for names in RULE_FIELDS.values() for name in names)
+_VERSION_2_FIELDS = ("rule", "beta", "kept_slots")
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _read_inf(value):
+    return math.inf if value == _INF else value
 
 
 def _as_list(value):
@@ -373,7 +469,7 @@ def _dumps(doc: dict) -> str:
     """Indented JSON with short lists (modalities, τ, each α row) kept on one line."""
     items = []
     for key, value in doc.items():
-        if key == "alpha":
+        if key in ("alpha", "beta", "kept_slots"):
             rows = ",\n".join(f"    {json.dumps(row, allow_nan=False)}" for row in value)
             text = f"[\n{rows}\n  ]"
         elif key in ("modalities", "tau"):

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from extra_models import extra_model
-from modes_fx.schedule import FORMAT_VERSION, Schedule
+from modes_fx.schedule import FORMAT_VERSION, RULE_FIELDS, Schedule
 from modes_fx.testing import build
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_constant_rejects_a_model_without_moe():
         ({"calibration": {"kl": math.inf}}, r"calibration must be a JSON-serialisable dict without NaN/inf"),
         ({"calibration": {"data": torch.zeros(1)}}, r"calibration must be a JSON-serialisable dict"),
         ({"fingerprint": {"weights": 3}}, r"fingerprint must map names to hex digests"),
-        ({"format_version": 2}, r"format_version 2 is not supported \(expected 1\)"),
+        ({"format_version": 1}, r"format_version 1 is not supported \(expected 2\)"),
     ],
 )
 def test_invalid_schedules_are_rejected_naming_the_problem(overrides, message):
@@ -297,12 +297,24 @@ def schedules(draw) -> Schedule:
     L = draw(st.integers(1, 5))
     finite = st.floats(0.0, 1e6, allow_nan=False, allow_infinity=False)
     num_experts = draw(st.integers(1, 64))
+    top_k = draw(st.integers(1, num_experts))
+
+    def table(values):
+        return draw(st.lists(st.lists(values, min_size=len(columns), max_size=len(columns)), min_size=L, max_size=L))
+
+    rule = draw(st.sampled_from(sorted(RULE_FIELDS)))
+    if rule == "pi":
+        values = {"alpha": table(finite), "tau": draw(st.lists(st.one_of(finite, st.just(math.inf)), min_size=len(columns), max_size=len(columns)))}
+    elif rule == "ratio_to_top1":
+        values = {"beta": table(st.one_of(finite, st.just(math.inf)))}
+    else:
+        values = {"kept_slots": table(st.integers(1, top_k))}
     return Schedule(
         modalities=columns,
         site_paths=[f"model.layers.{i}.mlp" for i in range(L)],
-        alpha=draw(st.lists(st.lists(finite, min_size=len(columns), max_size=len(columns)), min_size=L, max_size=L)),
-        tau=draw(st.lists(st.one_of(finite, st.just(math.inf)), min_size=len(columns), max_size=len(columns))),
-        top_k=draw(st.integers(1, num_experts)),
+        rule=rule,
+        **values,
+        top_k=top_k,
         num_experts=num_experts,
         model_class=draw(st.sampled_from(["MixtralForCausalLM", "Qwen3VLMoeForConditionalGeneration"])),
         fingerprint=draw(st.dictionaries(st.sampled_from(["architecture", "weights"]), st.text("0123456789abcdef", max_size=8))),
@@ -319,7 +331,9 @@ def test_random_schedules_round_trip_exactly(schedule, tmp_path):
     schedule.save(path)
     loaded = Schedule.load(path)
     assert loaded == schedule
-    assert [[a.hex() for a in row] for row in loaded.alpha] == [[a.hex() for a in row] for row in schedule.alpha]
+    for name in ("alpha", "beta"):
+        if getattr(schedule, name) is not None:
+            assert [[a.hex() for a in row] for row in getattr(loaded, name)] == [[a.hex() for a in row] for row in getattr(schedule, name)]
     assert torch.equal(loaded.thresholds(), schedule.thresholds())
 
 
@@ -333,11 +347,14 @@ def _write(tmp_path, doc) -> str:
     ("edit", "message"),
     [
         (lambda d: d.pop("format_version"), r"bad.json: invalid schedule: missing format_version"),
-        (lambda d: d.update(format_version=2), r"bad.json: invalid schedule: format_version 2 is not supported \(expected 1\)"),
+        (lambda d: d.update(format_version=3), r"bad.json: invalid schedule: format_version 3 is not supported \(expected one of 1, 2\)"),
         (lambda d: d.update(format_version="1"), r"format_version '1' is not supported"),
-        (lambda d: d.update(format_version=2, new_field=1), r"format_version 2 is not supported"),
-        (lambda d: d.update(colour="blue"), r"unknown field\(s\) colour"),
-        (lambda d: d.pop("alpha"), r"missing field\(s\) alpha"),
+        (lambda d: d.update(format_version=True), r"format_version True is not supported"),
+        (lambda d: d.update(format_version=3, new_field=1), r"format_version 3 is not supported"),
+        (lambda d: d.update(colour="blue"), r"unknown field\(s\) colour in a version 2 schedule"),
+        (lambda d: d.update(format_version=1), r"unknown field\(s\) rule in a version 1 schedule"),
+        (lambda d: d.pop("alpha"), r"missing alpha: rule 'pi' takes alpha, tau"),
+        (lambda d: d.pop("top_k"), r"missing field\(s\) top_k"),
         (lambda d: d.update(tau=[0.1, "infinity"]), r"tau\[1\] \(vision\) must be a number, got 'infinity'"),
         (lambda d: d.update(alpha=[[0.25, 0.5], [0.75]]), r"alpha\[1\] has 1 values"),
     ],
@@ -373,3 +390,112 @@ def test_table_shows_tau_alpha_and_sites():
     assert lines[3].split() == ["tau", "0.125", "inf"]
     assert lines[-2].split() == ["0", "0.25", "0.5", "model.layers.0.mlp"]
     assert lines[-1].split() == ["1", "0.75", "0.5", "model.layers.1.mlp"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules other than "pi" (the baselines), and version 1 files
+
+
+def make_ratio(**overrides) -> Schedule:
+    return make(**{"rule": "ratio_to_top1", "alpha": None, "tau": None, "beta": [[0.5, 0.25], [math.inf, 0.0]], **overrides})
+
+
+def make_rank(**overrides) -> Schedule:
+    return make(**{"rule": "rank", "alpha": None, "tau": None, "kept_slots": [[1, 2], [2, 1]], **overrides})
+
+
+@pytest.mark.parametrize(
+    ("build_schedule", "message"),
+    [
+        (lambda: make(rule="median"), r"unknown rule 'median'; expected one of pi, ratio_to_top1, rank"),
+        (lambda: make(rule=None), r"unknown rule None"),
+        (lambda: make(beta=[[0.5, 0.5], [0.5, 0.5]]), r"beta does not apply to rule 'pi', which takes alpha, tau"),
+        (lambda: make(rule="ratio_to_top1", alpha=None, tau=None), r"missing beta: rule 'ratio_to_top1' takes beta"),
+        (lambda: make(rule="ratio_to_top1", tau=None, beta=[[0.5, 0.5], [0.5, 0.5]]), r"alpha does not apply to rule 'ratio_to_top1'"),
+        (lambda: make(rule="rank", alpha=None, tau=None), r"missing kept_slots: rule 'rank' takes kept_slots"),
+        (lambda: make_ratio(beta=[[0.5, math.nan], [0.5, 0.5]]), r"beta\[0\]\[1\] is NaN"),
+        (lambda: make_ratio(beta=[[0.5, 0.5], [-0.5, 0.5]]), r"beta\[1\]\[0\] = -0.5 is negative"),
+        (lambda: make_ratio(beta=[[0.5, 0.5]]), r"beta has 1 rows, site_paths has 2 MoE sites"),
+        (lambda: make_ratio(beta=[[0.5, 0.5], [0.5]]), r"beta\[1\] has 1 values, modalities has 2 columns"),
+        (lambda: make_ratio(beta=0.5), r"beta must be a list, got 0.5"),
+        (lambda: make_rank(kept_slots=[[0, 2], [2, 1]]), r"kept_slots\[0\]\[0\] = 0 is out of range: rule 'rank' keeps an integer number of slots in \[1, top_k=2\]"),
+        (lambda: make_rank(kept_slots=[[1, 2], [2, 3]]), r"kept_slots\[1\]\[1\] = 3 is out of range"),
+        (lambda: make_rank(kept_slots=[[1, 1.5], [2, 1]]), r"kept_slots\[0\]\[1\] = 1.5 is out of range"),
+        (lambda: make_rank(kept_slots=[[1, True], [2, 1]]), r"kept_slots\[0\]\[1\] = True is out of range"),
+    ],
+)
+def test_invalid_rule_values_are_rejected_naming_the_problem(build_schedule, message):
+    with pytest.raises(ValueError, match=message):
+        build_schedule()
+
+
+def test_rule_thresholds_are_beta_and_slots_to_skip():
+    ratio = make_ratio().thresholds()
+    assert ratio.dtype == torch.float32 and ratio.shape == (2, 3)
+    assert ratio.tolist() == [[-math.inf, 0.5, 0.25], [-math.inf, math.inf, 0.0]]
+    rank = make_rank(top_k=3).thresholds()  # the score of a slot is the number of slots ranked below it
+    assert rank.tolist() == [[-math.inf, 2.0, 1.0], [-math.inf, 1.0, 2.0]]
+
+
+def test_with_rule_keeps_the_model_fields_and_clears_the_rest():
+    s = make(target_skip=0.5, measured_skip=0.49, calibration={"kl": 0.1})
+    rank = s.with_rule("rank", kept_slots=[[1, 1], [2, 2]])
+    assert (rank.rule, rank.alpha, rank.tau, rank.kept_slots) == ("rank", None, None, [[1, 1], [2, 2]])
+    assert (rank.site_paths, rank.modalities, rank.top_k, rank.model_class) == (s.site_paths, s.modalities, 2, s.model_class)
+    assert (rank.target_skip, rank.measured_skip, rank.calibration) == (None, None, {})
+    assert rank.with_rule("pi", alpha=s.alpha, tau=s.tau) == s.with_rule("pi", alpha=s.alpha, tau=s.tau)
+    with pytest.raises(ValueError, match=r"missing beta"):
+        s.with_rule("ratio_to_top1")
+
+
+def test_rule_schedules_save_only_their_own_fields(tmp_path):
+    path = tmp_path / "s.json"
+    make_ratio().save(path)
+    doc = json.loads(path.read_text())
+    assert (doc["rule"], doc["beta"]) == ("ratio_to_top1", [[0.5, 0.25], ["inf", 0.0]])
+    assert not {"alpha", "tau", "kept_slots"} & set(doc)
+    assert Schedule.load(path) == make_ratio()
+
+
+# A schedule file as version 1 of the format wrote it (before rules existed).
+V1_FILE = """{
+  "format_version": 1,
+  "modalities": ["text", "vision"],
+  "site_paths": ["model.layers.0.mlp", "model.layers.1.mlp"],
+  "alpha": [
+    [0.25, 0.5],
+    [0.75, 0.5]
+  ],
+  "tau": [0.1, "inf"],
+  "top_k": 2,
+  "num_experts": 4,
+  "model_class": "MixtralForCausalLM",
+  "fingerprint": {},
+  "target_skip": 0.5,
+  "measured_skip": null,
+  "calibration": {"method": "constant"}
+}
+"""
+
+
+def test_version_1_files_still_load_as_pi_schedules(tmp_path):
+    path = tmp_path / "v1.json"
+    path.write_text(V1_FILE)
+    loaded = Schedule.load(path)
+    assert loaded == make(tau=[0.1, math.inf], target_skip=0.5, calibration={"method": "constant"})
+    assert (loaded.rule, loaded.format_version) == ("pi", FORMAT_VERSION)
+    assert loaded.thresholds()[:, 1].tolist() == pytest.approx([0.4, 0.1 / 0.75])
+    again = tmp_path / "v2.json"
+    loaded.save(again)
+    assert json.loads(again.read_text())["format_version"] == FORMAT_VERSION == 2
+    assert Schedule.load(again) == loaded
+
+
+def test_table_shows_the_rule_and_its_values():
+    ratio = make_ratio().table().splitlines()
+    assert "rule ratio_to_top1" in ratio[0]
+    assert ratio[3].split() == ["beta"]
+    assert ratio[-1].split() == ["1", "inf", "0", "model.layers.1.mlp"]
+    rank = make_rank().table().splitlines()
+    assert "rule rank" in rank[0] and rank[3].split() == ["kept_slots"]
+    assert rank[-2].split() == ["0", "1", "2", "model.layers.0.mlp"]

@@ -1,0 +1,352 @@
+"""The baselines of the paper's comparison (and MoDES itself) as schedules, each tuned on the
+calibration data to a measured skip ratio.
+
+Every method is a family of schedules indexed by one knob x, the skip ratio non-decreasing in x.
+Tuning bisects x until the skip ratio ``track()`` measures on the calibration batches is within
+``tolerance`` of the target (or returns the closest value it measured, with ``reached=False``).
+All methods share one ``CalibrationSession``: the model is compiled once with ``backend="modes"``
+and each measurement only swaps the threshold table and rule, so every method runs through the
+same op as deployment. π is the normalised top-k routing weight; L MoE layers, top-k of E.
+
+| method | rule | per-(layer, modality) values | knob |
+|---|---|---|---|
+| ``top_k`` | rank | k'_l = k − n_l, n_l = s // L, +1 on the last s mod L layers | s ∈ {0 … L(k−1)} |
+| ``uniform_threshold`` | pi | α = 1, one τ | τ |
+| ``dmt_without_gmlg`` | pi | α = 1/L, τ per modality (frontier search) | search target |
+| ``gmlg_one_threshold`` | pi | α = GMLG, one τ | τ |
+| ``naee`` | ratio_to_top1 | β_l = c · median_l | c |
+| ``mc_moe`` | ratio_to_top1 | β_l = c · median_l on the n least sensitive layers, 0 elsewhere | c (n: lowest KL) |
+| ``modes`` | pi | α = GMLG, τ per modality (frontier search) | search target |
+
+- median_l: median over the calibration tokens of π_j / π_top1 over the non-top-1 slots at layer
+  l (NAEE's per-layer median of w2 / w1, generalised to top-k); c = 1 is NAEE's own rule.
+- Layer sensitivity (``mc_moe``): the layer's GMLG ablation KLs summed over modalities. For each
+  n from L down, c is tuned; the n whose tuned schedule has the lowest KL wins.
+- Frontier methods: the search (``calibrate``'s) returns the lowest-KL grid point with skip ≥ ρ';
+  the knob ρ' ∈ [ρ − tolerance, ρ] is tuned so that the measured skip is within the tolerance.
+  Default grids: linear, D points per column from 0 to max_l α[l, m] (which skips everything).
+- Reachable skip ratios: the rank and ratio rules never skip a token's top-1 slot, so they reach at
+  most (k−1)/k; ``top_k`` moves in steps of 1/(L·k). ``Tuned.max_skip`` is the largest skip ratio
+  the method reached on the calibration data.
+
+Statistics (GMLG: 1 + L·M passes; ratio medians: 1 pass) are computed once per tuner, on first use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from modes_fx.kernels.reference import rule_scores
+from modes_fx.schedule import Schedule
+
+from .calibrate import GridSpec, search_thresholds
+from .data import prepare
+from .importance import importance_kls, normalise
+from .measure import Measurement
+from .session import CalibrationSession, default_modalities
+
+METHODS = ("top_k", "uniform_threshold", "dmt_without_gmlg", "gmlg_one_threshold", "naee", "mc_moe", "modes")
+
+
+@dataclass
+class Tuned:
+    """One method tuned to one target skip ratio on the calibration data.
+
+    schedule: deployable (target_skip, measured_skip and calibration metadata filled in).
+    knob: the chosen knob value; skip / by_modality: skip ratio measured by ``track()`` overall /
+    per schedule column; kl: mean KL from the unskipped model per answer token (nats);
+    reached: |skip − target| ≤ tolerance; max_skip: the largest skip ratio the method reached;
+    passes: measurement passes this tuning ran (statistics passes not included); trace: the
+    (knob, skip ratio) pairs the bisection measured, in order (for ``mc_moe``: of the chosen
+    layer count)."""
+
+    method: str
+    target: float
+    schedule: Schedule
+    knob: float
+    skip: float
+    by_modality: dict[str, float]
+    kl: float
+    reached: bool
+    max_skip: float
+    passes: int
+    trace: list[tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A family of schedules: ``schedule(x)`` for x in [low, high], skip ratio non-decreasing in x;
+    ``integer``: x takes integer values only."""
+
+    schedule: Callable[[float], Schedule]
+    low: float
+    high: float
+    integer: bool = False
+
+
+@dataclass
+class KnobSearch:
+    """Outcome of ``BaselineTuner.bisect``: the chosen knob value, its schedule and measurement,
+    the skip ratio at the knob's high end, and every (knob, skip ratio) measured, in order."""
+
+    knob: float
+    schedule: Schedule
+    measurement: Measurement
+    max_skip: float
+    trace: list[tuple[float, float]]
+
+
+class BaselineTuner:
+    """Tunes the methods of ``METHODS`` on one model and calibration set (context manager: the
+    model is compiled once on entry and restored on exit).
+
+    Args:
+        model: a Hugging Face MoE model (attached or not; its attachment is restored on exit).
+        data: calibration items (calib/data.py).
+        modalities: schedule columns (default text plus vision/audio when present in the data).
+        inner: inner compiler of the ``modes`` backend for every pass.
+        tolerance: accepted |measured skip − target| (absolute; 0.005 keeps every method of one
+            target within ±1% of each other).
+        grid: τ grids of the frontier methods (default: linear, ``grid_points`` per column up to
+            max_l α[l, m]).
+        grid_points: D of the default grids.
+        max_steps: most bisection steps (measurement passes) per knob.
+        progress: show progress bars.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data: Iterable[dict],
+        modalities: list[str] | None = None,
+        inner: str = "eager",
+        tolerance: float = 0.005,
+        grid: GridSpec | None = None,
+        grid_points: int = 100,
+        max_steps: int = 24,
+        progress: bool = False,
+    ):
+        if not 0 < tolerance < 0.5:
+            raise ValueError(f"tolerance must be in (0, 0.5), got {tolerance!r}")
+        batches = prepare(data)
+        self.session = CalibrationSession(model, batches, modalities or default_modalities(model, batches), inner)
+        self.tolerance, self.grid, self.grid_points = tolerance, grid, grid_points
+        self.max_steps, self.progress = max_steps, progress
+        self.passes = 0
+        self._frontier_caches: dict[str, dict] = {}
+
+    def __enter__(self) -> BaselineTuner:
+        self.session.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.session.__exit__(*exc)
+
+    # ------------------------------------------------------------------------------------------
+    # Calibration statistics (computed once, on first use)
+
+    @property
+    def base(self) -> Schedule:
+        return self.session.base
+
+    @functools.cached_property
+    def importance_kls(self) -> list[list[float]]:
+        """KL [L][M] of removing layer l's routed experts for modality m's tokens (GMLG passes)."""
+        return importance_kls(self.session, progress=self.progress)
+
+    @functools.cached_property
+    def gmlg_alpha(self) -> list[list[float]]:
+        """GMLG layer importance α [L][M], each column summing to 1."""
+        return normalise(self.importance_kls, self.session.modalities)
+
+    @functools.cached_property
+    def ratio_medians(self) -> list[float]:
+        """Per MoE layer: median of π_j / π_top1 over the non-top-1 slots of the calibration
+        tokens (padding excluded), measured in one unskipped pass."""
+        if self.base.top_k < 2:
+            raise ValueError("ratio rules need top_k ≥ 2: with top-1 routing there is no slot to skip")
+        ratios: list[list[torch.Tensor]] = [[] for _ in self.base.site_paths]
+
+        def observe(site: int, scores: torch.Tensor, modality_ids: torch.Tensor) -> None:
+            scores = scores[modality_ids > 0].float()
+            tail = torch.ones_like(scores, dtype=torch.bool).scatter_(1, scores.argmax(dim=1, keepdim=True), False)
+            ratios[site].append(rule_scores(scores, "ratio_to_top1")[tail].cpu())
+
+        with self.session.state.observing_scores(observe):
+            self.session.measure_schedule(self.base)
+        medians = []
+        for site, pieces in enumerate(ratios):
+            values = torch.cat(pieces) if pieces else torch.empty(0)
+            if values.numel() == 0:
+                raise ValueError(f"MoE site {site} ({self.base.site_paths[site]}) saw no calibration token")
+            medians.append(float(values.median()))
+        return medians
+
+    @functools.cached_property
+    def layers_by_sensitivity(self) -> list[int]:
+        """MoE layer indices, least sensitive first (GMLG ablation KLs summed over modalities)."""
+        totals = [sum(row) for row in self.importance_kls]
+        return sorted(range(len(totals)), key=lambda l: (totals[l], l))
+
+    # ------------------------------------------------------------------------------------------
+    # Tuning
+
+    def tune(self, method: str, target: float) -> Tuned:
+        """``method`` (one of METHODS) tuned so that its measured skip ratio on the calibration
+        data is ``target`` ± tolerance; target in (0, 1)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
+            raise ValueError(f"target skip ratio must be in (0, 1) exclusive, got {target!r}")
+        start = self.passes
+        details: dict = {}
+        if method == "mc_moe":
+            found = self._tune_mc_moe(target, details)
+        else:
+            found = self.bisect(self.knob(method, target), target)
+        m = found.measurement
+        reached = abs(m.skip - target) <= self.tolerance
+        passes = self.passes - start
+        calibration = {
+            "method": method,
+            "knob": found.knob,
+            "kl": m.kl,
+            "skip_by_modality": m.by_modality,
+            "tolerance": self.tolerance,
+            "reached": reached,
+            "max_skip": found.max_skip,
+            "passes": passes,
+            "trace": [list(point) for point in found.trace],
+            "batches": len(self.session.batches),
+            **details,
+        }
+        schedule = dataclasses.replace(found.schedule, target_skip=target, measured_skip=m.skip, calibration=calibration)
+        return Tuned(method, target, schedule, found.knob, m.skip, m.by_modality, m.kl, reached, found.max_skip, passes, found.trace)
+
+    def knob(self, method: str, target: float) -> Knob:
+        """The knob of ``method`` (``mc_moe`` has one ``ratio_knob`` per layer count); ``target``
+        sets the range of the frontier methods' knob (the search target)."""
+        L, M, k = len(self.base.site_paths), len(self.base.modalities), self.base.top_k
+        if method == "top_k":
+            return Knob(lambda s: self.base.with_rule("rank", kept_slots=[[k - n] * M for n in _spread(int(s), L)]), 0, L * (k - 1), integer=True)
+        if method == "uniform_threshold":
+            return self._threshold_knob([[1.0] * M for _ in range(L)])
+        if method == "gmlg_one_threshold":
+            return self._threshold_knob(self.gmlg_alpha)
+        if method == "naee":
+            return self.ratio_knob(range(L))
+        if method == "dmt_without_gmlg":
+            return self._frontier_knob(method, [[1.0 / L] * M for _ in range(L)], target)
+        if method == "modes":
+            return self._frontier_knob(method, self.gmlg_alpha, target)
+        raise ValueError(f"method {method!r} has no single knob")
+
+    def ratio_knob(self, layers: Iterable[int]) -> Knob:
+        """Ratio rule β_l = c · median_l on ``layers`` (β = 0, nothing skipped, elsewhere); knob c
+        up to 2 / min median (β ≥ 2 > every ratio: only top-1 slots kept)."""
+        layers = set(layers)
+        medians, M = self.ratio_medians, len(self.base.modalities)
+        positive = [medians[l] for l in layers if medians[l] > 0]
+        if not positive:
+            raise ValueError(f"the median routing-weight ratio is 0 in every layer of {sorted(layers)}: the ratio rule cannot skip")
+
+        def schedule(c: float) -> Schedule:
+            return self.base.with_rule("ratio_to_top1", beta=[[c * medians[l] if l in layers else 0.0] * M for l in range(len(medians))])
+
+        return Knob(schedule, 0.0, 2.0 / min(positive))
+
+    def _threshold_knob(self, alpha: list[list[float]]) -> Knob:
+        """One τ shared by every modality with α [L][M]; τ = 2 · max α skips every pair (π ≤ 1)."""
+        M = len(self.base.modalities)
+        return Knob(lambda tau: self.session.schedule(alpha, [tau] * M), 0.0, 2.0 * max(max(row) for row in alpha))
+
+    def _frontier_knob(self, method: str, alpha: list[list[float]], target: float) -> Knob:
+        """Knob ρ' ∈ [target − tolerance, target]: the frontier search's schedule for target ρ'
+        (its largest grid point when ρ' is unreachable). Evaluations are cached per method."""
+        grid = self.grid or GridSpec(
+            points=self.grid_points,
+            mapping="linear",
+            tau_max={column: max(row[m] for row in alpha) for m, column in enumerate(self.base.modalities)},
+        )
+        grids = [grid.grid(column) for column in self.base.modalities]
+        cache = self._frontier_caches.setdefault(method, {})
+
+        def schedule(rho: float) -> Schedule:
+            before = len(cache)
+            found = search_thresholds(self.session, alpha, grids, rho, cache, progress=self.progress)
+            self.passes += len(cache) - before
+            taus = found.best.taus if found.feasible else tuple(g[-1] for g in grids)
+            return self.session.schedule(alpha, list(taus))
+
+        return Knob(schedule, max(target - self.tolerance, target / 2), target)
+
+    def _tune_mc_moe(self, target: float, details: dict) -> KnobSearch:
+        """Ratio rule on the n least sensitive layers, for n = L, L − 1, … while the target stays
+        reachable; the tuned schedule with the lowest KL (among those reaching the target)."""
+        order = self.layers_by_sensitivity
+        tried = []
+        for n in range(len(order), 0, -1):
+            found = self.bisect(self.ratio_knob(order[:n]), target)
+            if found.max_skip < target - self.tolerance:
+                break
+            tried.append((n, found))
+        if not tried:  # even every layer falls short: report that attempt
+            tried.append((len(order), found))
+        reaching = [t for t in tried if abs(t[1].measurement.skip - target) <= self.tolerance] or tried
+        n, best = min(reaching, key=lambda t: (t[1].measurement.kl, -t[0]))
+        details.update(layers=sorted(order[:n]), layers_tried=[t[0] for t in tried])
+        return best
+
+    def bisect(self, knob: Knob, target: float) -> KnobSearch:
+        """Bisection on ``knob`` for a measured skip ratio within tolerance of ``target``; the
+        measured point closest to the target when none is (e.g. a jump over the window)."""
+        measured: dict[float, tuple[Schedule, Measurement]] = {}
+
+        def skip_at(x: float) -> float:
+            if x not in measured:
+                schedule = knob.schedule(x)
+                measured[x] = (schedule, self._measure(schedule))
+            return measured[x][1].skip
+
+        low, high, x = knob.low, knob.high, knob.high
+        for _ in range(self.max_steps):
+            skip = skip_at(x)
+            if abs(skip - target) <= self.tolerance or (x == knob.high and skip < target):
+                break
+            low, high = (x, high) if skip < target else (low, x)
+            if knob.integer and high - low <= 1:
+                skip_at(low)
+                break
+            x = (low + high) // 2 if knob.integer else (low + high) / 2
+        best = min(measured, key=lambda x: (abs(measured[x][1].skip - target), x))
+        schedule, measurement = measured[best]
+        trace = [(x, m.skip) for x, (_, m) in measured.items()]
+        return KnobSearch(best, schedule, measurement, max_skip=measured[knob.high][1].skip, trace=trace)
+
+    def _measure(self, schedule: Schedule) -> Measurement:
+        self.passes += 1
+        return self.session.measure_schedule(schedule)
+
+
+def _spread(total: int, layers: int) -> list[int]:
+    """Slots to skip per layer: ``total // layers`` each, one more on the last ``total % layers``."""
+    base, extra = divmod(total, layers)
+    return [base + (1 if l >= layers - extra else 0) for l in range(layers)]
+
+
+def tune_methods(
+    model: torch.nn.Module,
+    data: Iterable[dict],
+    methods: Iterable[str] = METHODS,
+    targets: Iterable[float] = (0.5,),
+    **options,
+) -> list[Tuned]:
+    """Every method of ``methods`` tuned to every target skip ratio of ``targets`` on calibration
+    ``data``, sharing one compiled session; ``options`` are ``BaselineTuner``'s. Method-major order."""
+    targets = list(targets)
+    with BaselineTuner(model, data, **options) as tuner:
+        return [tuner.tune(method, target) for method in methods for target in targets]

@@ -1,0 +1,256 @@
+"""calib.baselines end to end on a tiny real Qwen3-VL-MoE (top-4 of 8 experts, 2 MoE layers) with
+image inputs: every method tuned to a measured skip ratio, what each method's schedule holds,
+honest reports of unreachable targets, the calibration statistics against an independent eager
+measurement, and the ratio / rank rules through backend="modes" against a hook-based emulation."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+import modes_fx
+from modes_fx.calib.baselines import METHODS, BaselineTuner
+from modes_fx.schedule import Schedule
+from modes_fx.testing import build, experts_modules, image_inputs
+
+TARGET = 0.375
+TOLERANCE = 0.02
+TOP_K = 4
+
+
+def _data(model, batches=2):
+    items = []
+    for seed in range(batches):
+        inputs = image_inputs(model, batch=2, seed=seed, pad=True)
+        labels = torch.full_like(inputs["input_ids"], -100)
+        labels[:, -3:] = inputs["input_ids"][:, -3:]
+        items.append({**inputs, "labels": labels})
+    return items
+
+
+def _inputs(item):
+    return {k: v for k, v in item.items() if k != "labels"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build("qwen3_vl_moe", experts_implementation="grouped_mm", num_experts_per_tok=TOP_K)
+
+
+@pytest.fixture(scope="module")
+def data(model):
+    return _data(model)
+
+
+@pytest.fixture(scope="module")
+def tuner(model, data):
+    with BaselineTuner(model, data, tolerance=TOLERANCE, grid_points=8) as tuner:
+        yield tuner
+
+
+@pytest.fixture(scope="module")
+def tuned(tuner):
+    return {method: tuner.tune(method, TARGET) for method in METHODS}
+
+
+def _run(tuner, schedule, items):
+    """Logits of every item and the track() counts, with ``schedule`` in force on the tuner's
+    compiled model (the runtime swap deployment uses: no recompilation)."""
+    tuner.session.state.set_thresholds(schedule.thresholds(), schedule.rule)
+    with torch.no_grad(), modes_fx.track() as stats:
+        logits = [tuner.session.model(**_inputs(item)).logits for item in items]
+    return logits, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Tuning
+
+
+def test_every_method_reaches_the_target_skip_on_the_calibration_data(tuned):
+    for method, result in tuned.items():
+        assert result.reached, f"{method}: skip {result.skip} for target {TARGET}"
+        assert abs(result.skip - TARGET) <= TOLERANCE
+        s = result.schedule
+        assert (s.target_skip, s.measured_skip) == (TARGET, result.skip)
+        assert s.calibration["method"] == method and s.calibration["kl"] == result.kl
+        assert set(result.by_modality) == {"text", "vision"}
+        assert result.kl > 0
+
+
+def test_tuned_schedules_reproduce_their_skip_after_a_json_round_trip(tuner, tuned, data, tmp_path):
+    for method, result in tuned.items():
+        path = tmp_path / f"{method}.json"
+        result.schedule.save(path)
+        _, stats = _run(tuner, Schedule.load(path), data)
+        assert stats.skip_ratio == result.skip, method
+        assert stats.by_modality == result.by_modality, method
+
+
+def test_skip_is_monotone_in_every_single_knob(tuned):
+    for method in ("top_k", "uniform_threshold", "gmlg_one_threshold", "naee", "mc_moe"):
+        trace = sorted(tuned[method].trace)
+        assert len(trace) >= 2, method
+        skips = [skip for _, skip in trace]
+        assert skips == sorted(skips), f"{method}: {trace}"
+
+
+def test_each_method_builds_the_schedule_it_describes(tuner, tuned):
+    L, M = 2, 2
+    top_k = tuned["top_k"]
+    assert top_k.schedule.rule == "rank" and top_k.knob == 3  # 3 of L·k = 8 slots: exactly 3/8
+    assert top_k.schedule.kept_slots == [[3, 3], [2, 2]] and top_k.skip == 3 / 8
+
+    uniform = tuned["uniform_threshold"].schedule
+    assert uniform.rule == "pi" and uniform.alpha == [[1.0] * M] * L and len(set(uniform.tau)) == 1
+
+    dmt = tuned["dmt_without_gmlg"].schedule
+    assert dmt.rule == "pi" and dmt.alpha == [[1 / L] * M] * L
+
+    gmlg = tuned["gmlg_one_threshold"].schedule
+    assert gmlg.alpha == tuner.gmlg_alpha and len(set(gmlg.tau)) == 1
+    assert tuned["modes"].schedule.alpha == tuner.gmlg_alpha
+
+    naee = tuned["naee"]
+    assert naee.schedule.rule == "ratio_to_top1"
+    assert naee.schedule.beta == [[naee.knob * m] * M for m in tuner.ratio_medians]
+
+    mc_moe = tuned["mc_moe"]
+    layers = mc_moe.schedule.calibration["layers"]
+    assert layers == sorted(tuner.layers_by_sensitivity[: len(layers)])
+    for l, row in enumerate(mc_moe.schedule.beta):
+        assert row == ([mc_moe.knob * tuner.ratio_medians[l]] * M if l in layers else [0.0] * M)
+
+
+def test_mc_moe_keeps_the_lowest_kl_layer_count(tuner, tuned):
+    mc_moe = tuned["mc_moe"]
+    tried = mc_moe.schedule.calibration["layers_tried"]
+    assert tried[0] == 2
+    for n in tried:
+        other = tuner.bisect(tuner.ratio_knob(tuner.layers_by_sensitivity[:n]), TARGET).measurement
+        if abs(other.skip - TARGET) <= TOLERANCE:
+            assert mc_moe.kl <= other.kl
+
+
+def test_unreachable_targets_report_the_closest_measured_skip(tuner):
+    between = tuner.tune("top_k", 0.3)  # top-k moves in steps of 1/(L·k) = 1/8
+    assert (between.reached, between.skip, between.knob) == (False, 0.25, 2)
+    beyond = tuner.tune("naee", 0.9)  # ratio rules keep the top-1 slot: at most (k-1)/k skipped
+    assert not beyond.reached and beyond.skip == beyond.max_skip == 0.75
+    assert beyond.passes == 1 and not beyond.schedule.calibration["reached"]
+
+
+def test_bad_input_gives_clear_errors(tuner, model, data):
+    with pytest.raises(ValueError, match=r"unknown method 'diep'; expected one of top_k, "):
+        tuner.tune("diep", 0.5)
+    for target in (0.0, 1.0, 1.5, math.nan, True):
+        with pytest.raises(ValueError, match=r"target skip ratio must be in \(0, 1\) exclusive"):
+            tuner.tune("naee", target)
+    for tolerance in (0.0, -0.01, 0.5, math.nan):
+        with pytest.raises(ValueError, match=r"tolerance must be in \(0, 0.5\)"):
+            BaselineTuner(model, data, tolerance=tolerance)
+    with pytest.raises(ValueError, match=r"calibration data is empty"):
+        BaselineTuner(model, [])
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics and rules against independent references on an uncompiled model
+
+
+@contextlib.contextmanager
+def hooked(model, drop=None):
+    """An independent emulation (no modes_fx code) on the uncompiled ``eager`` experts
+    implementation: a pre-hook on each experts module sees (layer, routing weights float64 [T, k],
+    token kind [T]: 0 padding, 1 text, 2 image) and, when ``drop`` is given, replaces the index
+    of every pair ``drop(layer, weights, kind)`` marks by the sentinel E, which transformers'
+    loop skips. Yields the list of (layer, weights, kind) seen and the skip counts."""
+    seen, counts, current = [], {"skipped": 0, "total": 0}, {}
+
+    def on_call(module, args, kwargs):
+        ids = kwargs["input_ids"]
+        real = kwargs["attention_mask"][:, -ids.shape[1]:].bool()
+        current["kind"] = torch.where(real, torch.where(ids == model.config.image_token_id, 2, 1), 0).reshape(-1)
+
+    def make_hook(layer):
+        def hook(module, args):
+            hidden, index, weights = args
+            kind = current["kind"]
+            seen.append((layer, weights.double(), kind))
+            if drop is None:
+                return None
+            dropped = drop(layer, weights.double(), kind) & (kind[:, None] > 0)
+            counts["skipped"] += int(dropped.sum())
+            counts["total"] += int((kind > 0).sum()) * index.shape[1]
+            return hidden, torch.where(dropped, module.num_experts, index), weights
+
+        return hook
+
+    handles = [model.register_forward_pre_hook(on_call, with_kwargs=True)]
+    handles += [m.register_forward_pre_hook(make_hook(l)) for l, (_, m) in enumerate(experts_modules(model))]
+    try:
+        yield seen, counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return build("qwen3_vl_moe", experts_implementation="eager", num_experts_per_tok=TOP_K)
+
+
+def test_ratio_medians_match_an_independent_eager_measurement(tuner, reference, data):
+    with torch.no_grad(), hooked(reference) as (seen, _):
+        for item in data:
+            reference(**_inputs(item))
+    for layer, median in enumerate(tuner.ratio_medians):
+        ratios = []
+        for l, weights, kind in seen:
+            if l == layer:
+                for row in weights[kind > 0].tolist():
+                    top = row.index(max(row))
+                    ratios += [w / row[top] for j, w in enumerate(row) if j != top]
+        ratios.sort()
+        assert median == pytest.approx(ratios[(len(ratios) - 1) // 2], rel=1e-5)
+
+
+def _ratio_drop(beta):
+    def drop(layer, weights, kind):
+        column = (kind - 1).clamp_min(0)
+        limit = torch.tensor(beta[layer], dtype=torch.float64)[column][:, None] * weights.max(dim=1, keepdim=True).values
+        first_top = torch.zeros_like(weights, dtype=torch.bool).scatter_(1, weights.argmax(dim=1, keepdim=True), True)
+        return (weights < limit) & ~first_top
+
+    return drop
+
+
+def _rank_drop(kept):
+    def drop(layer, weights, kind):
+        column = (kind - 1).clamp_min(0)
+        out = torch.zeros_like(weights, dtype=torch.bool)
+        for t, row in enumerate(weights.tolist()):
+            ranked = sorted(range(len(row)), key=lambda j: (-row[j], j))
+            for j in ranked[kept[layer][int(column[t])]:]:
+                out[t, j] = True
+        return out
+
+    return drop
+
+
+@pytest.mark.parametrize(
+    "rule,values,drop",
+    [
+        ("ratio_to_top1", {"beta": [[0.6, 0.3], [0.2, 0.9]]}, _ratio_drop([[0.6, 0.3], [0.2, 0.9]])),
+        ("rank", {"kept_slots": [[2, 1], [3, 2]]}, _rank_drop([[2, 1], [3, 2]])),
+    ],
+)
+def test_rule_through_the_modes_backend_equals_a_hook_emulation(tuner, reference, rule, values, drop):
+    schedule = tuner.base.with_rule(rule, **values)
+    inputs = image_inputs(reference, batch=2, seed=7, pad=True)
+    with torch.no_grad(), hooked(reference, drop) as (_, counts):
+        expected = reference(**inputs).logits
+    assert 0 < counts["skipped"] < counts["total"]
+    (got,), stats = _run(tuner, schedule, [inputs])
+    assert (stats.skipped, stats.kept + stats.skipped) == (counts["skipped"], counts["total"])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
