@@ -23,7 +23,6 @@ from transformers.activations import ACT2FN
 
 from modes_fx import runtime, tracking
 from modes_fx.kernels.fast import masked_experts_fast
-from modes_fx.kernels.reference import keep_mask
 
 __all__ = ["masked_experts", "route_mask"]
 
