@@ -71,9 +71,9 @@ def latency_ratios(model, batch: data.Batch, inner: str, reps: int, echo) -> tup
     Prefill: one forward of ``batch``; decode: 8 greedy steps with a KV cache at batch 1."""
     dense_impl = torch.compile(model._call_impl, backend=inner) if inner != "eager" else model._call_impl
     modes_impl = model._compiled_call_impl
-    one = {k: v[:1] for k, v in batch.inputs.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    first = batch.questions[0]
-    if first.image is not None:
+    row = batch.inputs["attention_mask"][0].bool()  # row 0 without its left padding, at batch 1
+    one = {k: batch.inputs[k][:1, row] for k in ("input_ids", "mm_token_type_ids") if k in batch.inputs}
+    if batch.questions[0].image is not None:
         one["pixel_values"] = batch.inputs["pixel_values"][: data.PATCHES_PER_IMAGE]
         one["image_grid_thw"] = batch.inputs["image_grid_thw"][:1]
 
@@ -83,10 +83,8 @@ def latency_ratios(model, batch: data.Batch, inner: str, reps: int, echo) -> tup
     def decode():
         out = model(**one, use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        mask = one["attention_mask"]
         for _ in range(8):
-            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-            out = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
     timings = {}
