@@ -71,7 +71,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="calibrate, compile and evaluate MoDES at 88%% skip on the embedded digits VLM")
     d.add_argument("--quick", action="store_true", help="subsets of the splits, eager inner compiler (for tests)")
-    d.add_argument("--inner", choices=["inductor", "eager"], default="inductor", help="inner compiler after the modes passes")
+    d.add_argument("--inner", choices=["inductor", "eager"], default="eager",
+                   help="inner compiler after the modes passes (eager by default: inductor compiles of this model take minutes on 2 CPU cores)")
     d.set_defaults(run=_demo)
     c = sub.add_parser("calibrate", help="calibrate a schedule (GMLG + frontier search) for a local model folder")
     c.add_argument("--model", required=True, help="folder loadable by transformers from_pretrained")
