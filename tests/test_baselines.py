@@ -107,10 +107,12 @@ def test_each_method_builds_the_schedule_it_describes(tuner, tuned):
 
     dmt = tuned["dmt_without_gmlg"].schedule
     assert dmt.rule == "pi" and dmt.alpha == [[1 / L] * M] * L
+    assert dmt.tau == list(tuned["dmt_without_gmlg"].knob)  # frontier methods: τ per modality
 
     gmlg = tuned["gmlg_one_threshold"].schedule
     assert gmlg.alpha == tuner.gmlg_alpha and len(set(gmlg.tau)) == 1
-    assert tuned["modes"].schedule.alpha == tuner.gmlg_alpha
+    modes = tuned["modes"]
+    assert modes.schedule.alpha == tuner.gmlg_alpha and modes.schedule.tau == list(modes.knob)
 
     naee = tuned["naee"]
     assert naee.schedule.rule == "ratio_to_top1"
@@ -139,6 +141,8 @@ def test_unreachable_targets_report_the_closest_measured_skip(tuner):
     beyond = tuner.tune("naee", 0.9)  # ratio rules keep the top-1 slot: at most (k-1)/k skipped
     assert not beyond.reached and beyond.skip == beyond.max_skip == 0.75
     assert beyond.passes == 1 and not beyond.schedule.calibration["reached"]
+    edge = tuner.tune("naee", 0.75 + TOLERANCE)  # 0.77 - 0.75 exceeds 0.02 by a float rounding
+    assert edge.reached and edge.skip == 0.75
 
 
 def test_bad_input_gives_clear_errors(tuner, model, data):
