@@ -1,9 +1,10 @@
 """The baselines of the paper's comparison (and MoDES itself) as schedules, each tuned on the
 calibration data to a measured skip ratio.
 
-Every method is a family of schedules indexed by one knob x, the skip ratio non-decreasing in x.
-Tuning bisects x until the skip ratio ``track()`` measures on the calibration batches is within
-``tolerance`` of the target (or returns the closest value it measured, with ``reached=False``).
+Every single-knob method is a family of schedules indexed by a knob x, the skip ratio
+non-decreasing in x; tuning bisects x until the skip ratio ``track()`` measures on the
+calibration batches is within ``tolerance`` of the target (or returns the closest value it
+measured, with ``reached=False``). The frontier methods search τ per modality instead (below).
 All methods share one ``CalibrationSession``: the model is compiled once with ``backend="modes"``
 and each measurement only swaps the threshold table and rule, so every method runs through the
 same op as deployment. π is the normalised top-k routing weight; L MoE layers, top-k of E.
@@ -12,19 +13,23 @@ same op as deployment. π is the normalised top-k routing weight; L MoE layers, 
 |---|---|---|---|
 | ``top_k`` | rank | k'_l = k − n_l, n_l = s // L, +1 on the last s mod L layers | s ∈ {0 … L(k−1)} |
 | ``uniform_threshold`` | pi | α = 1, one τ | τ |
-| ``dmt_without_gmlg`` | pi | α = 1/L, τ per modality (frontier search) | search target |
+| ``dmt_without_gmlg`` | pi | α = 1/L, τ per modality (frontier search) | — |
 | ``gmlg_one_threshold`` | pi | α = GMLG, one τ | τ |
 | ``naee`` | ratio_to_top1 | β_l = c · median_l | c |
 | ``mc_moe`` | ratio_to_top1 | β_l = c · median_l on the n least sensitive layers, 0 elsewhere | c (n: lowest KL) |
-| ``modes`` | pi | α = GMLG, τ per modality (frontier search) | search target |
+| ``modes`` | pi | α = GMLG, τ per modality (frontier search) | — |
 
 - median_l: median over the calibration tokens of π_j / π_top1 over the non-top-1 slots at layer
   l (NAEE's per-layer median of w2 / w1, generalised to top-k); c = 1 is NAEE's own rule.
 - Layer sensitivity (``mc_moe``): the layer's GMLG ablation KLs summed over modalities. For each
   n from L down, c is tuned; the n whose tuned schedule has the lowest KL wins.
-- Frontier methods: the search (``calibrate``'s) returns the lowest-KL grid point with skip ≥ ρ';
-  the knob ρ' ∈ [ρ − tolerance, ρ] is tuned so that the measured skip is within the tolerance.
-  Default grids: linear, D points per column from 0 to max_l α[l, m] (which skips everything).
+- Frontier methods: ``calibrate``'s search (lowest KL subject to skip ≥ target) restricted to
+  the tolerance window: its staircase walks for the targets ρ − tolerance and ρ evaluate the
+  lowest-skip feasible point of every τ_text row, and among the points they evaluated the
+  lowest-KL one with |skip − ρ| ≤ tolerance wins (plain MoDES would take any skip ≥ ρ, which
+  may lie far above ρ when KL is not monotone in τ). Default grids: the paper's "exp" mapping
+  (nearly geometric at small τ, where the skip ratio moves fastest), D points per column up to
+  τ = max_l α[l, m] (which skips everything).
 - Reachable skip ratios: the rank and ratio rules never skip a token's top-1 slot, so they reach at
   most (k−1)/k; ``top_k`` moves in steps of 1/(L·k). ``Tuned.max_skip`` is the largest skip ratio
   the method reached on the calibration data.
@@ -45,10 +50,12 @@ from modes_fx.schedule import Schedule
 
 from .calibrate import GridSpec, search_thresholds
 from .data import prepare
+from .grids import exp_x
 from .importance import importance_kls, normalise
 from .measure import Measurement
 from .session import CalibrationSession, default_modalities
 
+_EPS = 1e-9  # float slack of the tolerance check: 0.88 - 0.875 is 0.0050000000000000044
 METHODS = ("top_k", "uniform_threshold", "dmt_without_gmlg", "gmlg_one_threshold", "naee", "mc_moe", "modes")
 
 
@@ -57,7 +64,8 @@ class Tuned:
     """One method tuned to one target skip ratio on the calibration data.
 
     schedule: deployable (target_skip, measured_skip and calibration metadata filled in).
-    knob: the chosen knob value; skip / by_modality: skip ratio measured by ``track()`` overall /
+    knob: the chosen knob value (frontier methods: τ per modality); skip / by_modality: skip
+    ratio measured by ``track()`` overall /
     per schedule column; kl: mean KL from the unskipped model per answer token (nats);
     reached: |skip − target| ≤ tolerance; max_skip: the largest skip ratio the method reached;
     passes: measurement passes this tuning ran (statistics passes not included); trace: the
@@ -74,7 +82,7 @@ class Tuned:
     reached: bool
     max_skip: float
     passes: int
-    trace: list[tuple[float, float]]
+    trace: list[tuple[float | tuple[float, ...], float]]
 
 
 @dataclass(frozen=True)
@@ -90,14 +98,14 @@ class Knob:
 
 @dataclass
 class KnobSearch:
-    """Outcome of ``BaselineTuner.bisect``: the chosen knob value, its schedule and measurement,
-    the skip ratio at the knob's high end, and every (knob, skip ratio) measured, in order."""
+    """Outcome of a tuning: the chosen knob value, its schedule and measurement, the largest skip
+    ratio measured (the knob's high end), and every (knob, skip ratio) measured, in order."""
 
-    knob: float
+    knob: float | tuple[float, ...]
     schedule: Schedule
     measurement: Measurement
     max_skip: float
-    trace: list[tuple[float, float]]
+    trace: list[tuple[float | tuple[float, ...], float]]
 
 
 class BaselineTuner:
@@ -111,8 +119,8 @@ class BaselineTuner:
         inner: inner compiler of the ``modes`` backend for every pass.
         tolerance: accepted |measured skip − target| (absolute; 0.005 keeps every method of one
             target within ±1% of each other).
-        grid: τ grids of the frontier methods (default: linear, ``grid_points`` per column up to
-            max_l α[l, m]).
+        grid: τ grids of the frontier methods (default: "exp" mapping, ``grid_points`` per column
+            up to τ = max_l α[l, m]).
         grid_points: D of the default grids.
         max_steps: most bisection steps (measurement passes) per knob.
         progress: show progress bars.
@@ -206,43 +214,47 @@ class BaselineTuner:
         details: dict = {}
         if method == "mc_moe":
             found = self._tune_mc_moe(target, details)
+        elif method in ("dmt_without_gmlg", "modes"):
+            found = self._tune_frontier(method, target)
         else:
-            found = self.bisect(self.knob(method, target), target)
+            found = self.bisect(self.knob(method), target)
         m = found.measurement
-        reached = abs(m.skip - target) <= self.tolerance
+        reached = self._within(m.skip, target)
         passes = self.passes - start
         calibration = {
             "method": method,
-            "knob": found.knob,
+            "knob": _plain(found.knob),
             "kl": m.kl,
             "skip_by_modality": m.by_modality,
             "tolerance": self.tolerance,
             "reached": reached,
             "max_skip": found.max_skip,
             "passes": passes,
-            "trace": [list(point) for point in found.trace],
+            "trace": [[_plain(x), skip] for x, skip in found.trace],
             "batches": len(self.session.batches),
             **details,
         }
         schedule = dataclasses.replace(found.schedule, target_skip=target, measured_skip=m.skip, calibration=calibration)
-        return Tuned(method, target, schedule, found.knob, m.skip, m.by_modality, m.kl, reached, found.max_skip, passes, found.trace)
+        return Tuned(
+            method, target, schedule, found.knob, m.skip, m.by_modality, m.kl, reached, found.max_skip, passes, found.trace
+        )
 
-    def knob(self, method: str, target: float) -> Knob:
-        """The knob of ``method`` (``mc_moe`` has one ``ratio_knob`` per layer count); ``target``
-        sets the range of the frontier methods' knob (the search target)."""
+    def knob(self, method: str) -> Knob:
+        """The knob of a single-knob method: ``top_k``, ``uniform_threshold``,
+        ``gmlg_one_threshold`` or ``naee`` (``mc_moe`` has one ``ratio_knob`` per layer count)."""
         L, M, k = len(self.base.site_paths), len(self.base.modalities), self.base.top_k
         if method == "top_k":
-            return Knob(lambda s: self.base.with_rule("rank", kept_slots=[[k - n] * M for n in _spread(int(s), L)]), 0, L * (k - 1), integer=True)
+
+            def kept(s: float) -> Schedule:
+                return self.base.with_rule("rank", kept_slots=[[k - n] * M for n in _spread(int(s), L)])
+
+            return Knob(kept, 0, L * (k - 1), integer=True)
         if method == "uniform_threshold":
             return self._threshold_knob([[1.0] * M for _ in range(L)])
         if method == "gmlg_one_threshold":
             return self._threshold_knob(self.gmlg_alpha)
         if method == "naee":
             return self.ratio_knob(range(L))
-        if method == "dmt_without_gmlg":
-            return self._frontier_knob(method, [[1.0 / L] * M for _ in range(L)], target)
-        if method == "modes":
-            return self._frontier_knob(method, self.gmlg_alpha, target)
         raise ValueError(f"method {method!r} has no single knob")
 
     def ratio_knob(self, layers: Iterable[int]) -> Knob:
@@ -252,10 +264,13 @@ class BaselineTuner:
         medians, M = self.ratio_medians, len(self.base.modalities)
         positive = [medians[l] for l in layers if medians[l] > 0]
         if not positive:
-            raise ValueError(f"the median routing-weight ratio is 0 in every layer of {sorted(layers)}: the ratio rule cannot skip")
+            raise ValueError(
+                f"the median routing-weight ratio is 0 in every layer of {sorted(layers)}: the ratio rule cannot skip"
+            )
 
         def schedule(c: float) -> Schedule:
-            return self.base.with_rule("ratio_to_top1", beta=[[c * medians[l] if l in layers else 0.0] * M for l in range(len(medians))])
+            beta = [[c * median if l in layers else 0.0] * M for l, median in enumerate(medians)]
+            return self.base.with_rule("ratio_to_top1", beta=beta)
 
         return Knob(schedule, 0.0, 2.0 / min(positive))
 
@@ -264,25 +279,31 @@ class BaselineTuner:
         M = len(self.base.modalities)
         return Knob(lambda tau: self.session.schedule(alpha, [tau] * M), 0.0, 2.0 * max(max(row) for row in alpha))
 
-    def _frontier_knob(self, method: str, alpha: list[list[float]], target: float) -> Knob:
-        """Knob ρ' ∈ [target − tolerance, target]: the frontier search's schedule for target ρ'
-        (its largest grid point when ρ' is unreachable). Evaluations are cached per method."""
+    def _tune_frontier(self, method: str, target: float) -> KnobSearch:
+        """Frontier search of τ per modality (α uniform for ``dmt_without_gmlg``, GMLG for
+        ``modes``) restricted to the tolerance window (see the module docstring); the point
+        closest to the target when no evaluated point is within it. Evaluations are cached per
+        method; the chosen schedule is measured once more for its per-modality skip."""
+        L, M = len(self.base.site_paths), len(self.base.modalities)
+        alpha = self.gmlg_alpha if method == "modes" else [[1.0 / L] * M for _ in range(L)]
         grid = self.grid or GridSpec(
             points=self.grid_points,
-            mapping="linear",
-            tau_max={column: max(row[m] for row in alpha) for m, column in enumerate(self.base.modalities)},
+            x_max={column: exp_x(max(row[m] for row in alpha)) for m, column in enumerate(self.base.modalities)},
         )
         grids = [grid.grid(column) for column in self.base.modalities]
         cache = self._frontier_caches.setdefault(method, {})
-
-        def schedule(rho: float) -> Schedule:
-            before = len(cache)
-            found = search_thresholds(self.session, alpha, grids, rho, cache, progress=self.progress)
-            self.passes += len(cache) - before
-            taus = found.best.taus if found.feasible else tuple(g[-1] for g in grids)
-            return self.session.schedule(alpha, list(taus))
-
-        return Knob(schedule, max(target - self.tolerance, target / 2), target)
+        before = len(cache)
+        targets = [max(target - self.tolerance, target / 2), target]
+        evaluated = search_thresholds(self.session, alpha, grids, targets, cache, progress=self.progress)[0].evaluated
+        self.passes += len(cache) - before
+        window = [e for e in evaluated if self._within(e.skip, target)]
+        if window:
+            best = min(window, key=lambda e: (e.kl, abs(e.skip - target), e.taus))
+        else:
+            best = min(evaluated, key=lambda e: (abs(e.skip - target), e.taus))
+        schedule = self.session.schedule(alpha, list(best.taus))
+        trace = [(e.taus, e.skip) for e in evaluated]
+        return KnobSearch(best.taus, schedule, self._measure(schedule), max(e.skip for e in evaluated), trace)
 
     def _tune_mc_moe(self, target: float, details: dict) -> KnobSearch:
         """Ratio rule on the n least sensitive layers, for n = L, L − 1, … while the target stays
@@ -291,12 +312,12 @@ class BaselineTuner:
         tried = []
         for n in range(len(order), 0, -1):
             found = self.bisect(self.ratio_knob(order[:n]), target)
-            if found.max_skip < target - self.tolerance:
+            if found.max_skip < target and not self._within(found.max_skip, target):
                 break
             tried.append((n, found))
         if not tried:  # even every layer falls short: report that attempt
             tried.append((len(order), found))
-        reaching = [t for t in tried if abs(t[1].measurement.skip - target) <= self.tolerance] or tried
+        reaching = [t for t in tried if self._within(t[1].measurement.skip, target)] or tried
         n, best = min(reaching, key=lambda t: (t[1].measurement.kl, -t[0]))
         details.update(layers=sorted(order[:n]), layers_tried=[t[0] for t in tried])
         return best
@@ -315,7 +336,7 @@ class BaselineTuner:
         low, high, x = knob.low, knob.high, knob.high
         for _ in range(self.max_steps):
             skip = skip_at(x)
-            if abs(skip - target) <= self.tolerance or (x == knob.high and skip < target):
+            if self._within(skip, target) or (x == knob.high and skip < target):
                 break
             low, high = (x, high) if skip < target else (low, x)
             if knob.integer and high - low <= 1:
@@ -327,9 +348,17 @@ class BaselineTuner:
         trace = [(x, m.skip) for x, (_, m) in measured.items()]
         return KnobSearch(best, schedule, measurement, max_skip=measured[knob.high][1].skip, trace=trace)
 
+    def _within(self, skip: float, target: float) -> bool:
+        return abs(skip - target) <= self.tolerance + _EPS
+
     def _measure(self, schedule: Schedule) -> Measurement:
         self.passes += 1
         return self.session.measure_schedule(schedule)
+
+
+def _plain(knob: float | tuple[float, ...]) -> float | list[float]:
+    """A knob value as JSON reads it back (τ tuples as lists)."""
+    return list(knob) if isinstance(knob, tuple) else knob
 
 
 def _spread(total: int, layers: int) -> list[int]:

@@ -115,14 +115,15 @@ def search_thresholds(
     session: CalibrationSession,
     alpha: list[list[float]],
     grids: Sequence[Sequence[float]],
-    target_skip: float,
+    target_skip: float | Sequence[float],
     cache: MutableMapping | None = None,
     mode: str = "auto",
     progress: bool = True,
-) -> FrontierResult:
+) -> FrontierResult | list[FrontierResult]:
     """Frontier search (DMT) of one τ per schedule column for layer importance α [L][M]: the
     lowest-KL point of ``grids`` (one ascending τ grid per column) whose skip ratio measured on
-    the session's data reaches ``target_skip``. cache: τ tuple → (KL, skip), read and filled."""
+    the session's data reaches ``target_skip`` (one target, or a list sharing evaluations: one
+    result each). cache: τ tuple → (KL, skip), read and filled."""
     with tqdm(desc="frontier search", disable=not progress) as bar:
 
         def evaluate(taus: tuple[float, ...]) -> tuple[float, float]:

@@ -20,6 +20,11 @@ def exp_tau(x: float) -> float:
     return 2.0 / (1.0 + math.exp(-10.0 * (x - 1.0)))
 
 
+def exp_x(tau: float) -> float:
+    """Inverse of ``exp_tau`` for τ in (0, 2): the grid coordinate x with exp_tau(x) = τ."""
+    return 1.0 - math.log(2.0 / tau - 1.0) / 10.0
+
+
 def tau_grid(
     points: int = PAPER_POINTS,
     mapping: str = "exp",

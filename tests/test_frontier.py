@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modes_fx.calib.frontier import Evaluation, FrontierResult, frontier_search
-from modes_fx.calib.grids import PAPER_X_MAX, exp_tau, tau_grid
+from modes_fx.calib.grids import PAPER_X_MAX, exp_tau, exp_x, tau_grid
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -389,3 +389,8 @@ def test_grid_ascending(points, mapping, x_max):
 def test_bad_grid_arguments(kwargs, shown):
     with pytest.raises(ValueError, match=shown):
         tau_grid(**kwargs)
+
+
+@given(x=st.floats(-0.5, 1.5))
+def test_exp_x_inverts_exp_tau(x):
+    assert exp_x(exp_tau(x)) == pytest.approx(x, abs=1e-9)

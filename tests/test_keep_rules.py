@@ -17,12 +17,13 @@ from modes_fx.schedule import Schedule
 from modes_fx.testing import build
 
 MODALITIES = ["text", "vision"]
+VALUES_FIELD = {"pi": "alpha", "ratio_to_top1": "beta", "rank": "kept_slots"}
 
 
 def schedule_of(rule: str, values: list[list[float]], top_k: int) -> Schedule:
     """A one-column-per-modality schedule of ``rule`` over len(values) sites (values [L][M]);
     for "pi", values are α and τ is 0.1 for text and 0.2 for vision."""
-    fields = {"pi": {"alpha": values, "tau": [0.1, 0.2]}, "ratio_to_top1": {"beta": values}, "rank": {"kept_slots": values}}[rule]
+    fields = {VALUES_FIELD[rule]: values, **({"tau": [0.1, 0.2]} if rule == "pi" else {})}
     return Schedule(
         modalities=MODALITIES,
         site_paths=[f"model.layers.{l}.mlp" for l in range(len(values))],
@@ -68,7 +69,8 @@ def cases(draw):
     values = draw(st.lists(st.lists(value, min_size=2, max_size=2), min_size=L, max_size=L))
     T = draw(st.integers(0, 8))
     # repeated values make ties (rank tie-break, ratio exactly 1 for a second slot)
-    weights = draw(st.lists(st.lists(st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0]) | st.floats(0.01, 5.0), min_size=top_k, max_size=top_k), min_size=T, max_size=T))
+    weight = st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0]) | st.floats(0.01, 5.0)
+    weights = draw(st.lists(st.lists(weight, min_size=top_k, max_size=top_k), min_size=T, max_size=T))
     scores = torch.tensor(weights, dtype=torch.float32).reshape(T, top_k)
     scores = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-30)  # π: normalised top-k weights
     modality_ids = torch.tensor(draw(st.lists(st.integers(0, 2), min_size=T, max_size=T)), dtype=torch.int64)
@@ -93,7 +95,7 @@ def test_keep_mask_of_every_rule_matches_the_per_token_reference(case):
 def test_a_more_aggressive_value_only_removes_pairs(case, column, step):
     """Raising α·τ's threshold (lower α), β, or lowering k' never brings back a skipped pair."""
     schedule, site, scores, modality_ids = case
-    values = [list(row) for row in getattr(schedule, {"pi": "alpha", "ratio_to_top1": "beta", "rank": "kept_slots"}[schedule.rule])]
+    values = [list(row) for row in getattr(schedule, VALUES_FIELD[schedule.rule])]
     if schedule.rule == "pi":
         values[site][column] *= 1.0 - step
     elif schedule.rule == "ratio_to_top1":
@@ -150,7 +152,11 @@ def model():
 
 @pytest.mark.parametrize(
     "rule,values",
-    [("ratio_to_top1", {"beta": [[0.9, 0.2], [0.1, math.inf]]}), ("rank", {"kept_slots": [[1, 3], [4, 2]]}), ("pi", {"alpha": [[0.5, 0.1], [0.5, 0.9]], "tau": [0.1, 0.05]})],
+    [
+        ("ratio_to_top1", {"beta": [[0.9, 0.2], [0.1, math.inf]]}),
+        ("rank", {"kept_slots": [[1, 3], [4, 2]]}),
+        ("pi", {"alpha": [[0.5, 0.1], [0.5, 0.9]], "tau": [0.1, 0.05]}),
+    ],
 )
 def test_attached_state_applies_each_sites_row_of_the_attached_rule(model, rule, values):
     schedule = Schedule.constant(model, {}, modalities=MODALITIES).with_rule(rule, **values)

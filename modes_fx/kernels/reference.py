@@ -3,9 +3,9 @@ skipping rule.
 
 ``masked_experts_reference`` is the plain-PyTorch implementation behind ``modes::masked_experts``
 (see ``docs/architecture.md``, "The op boundary"). It computes only the kept (token, expert)
-pairs: the kept pairs are compacted, grouped by expert, and each *active* expert runs its two matmuls
-on its own rows only. Weights are indexed per expert (``gate_up_proj[e]``) and multiplied with
-``torch.nn.functional.linear`` so that tensor-subclass (e.g. torchao quantised) weights work.
+pairs: the kept pairs are compacted, grouped by expert, and each *active* expert runs its two
+matmuls on its own rows only. Weights are indexed per expert (``gate_up_proj[e]``) and multiplied
+with ``torch.nn.functional.linear`` so that tensor-subclass (e.g. torchao quantised) weights work.
 """
 
 from __future__ import annotations
