@@ -15,6 +15,7 @@ compare ``modes_fx`` against it.
 - ``text_inputs`` / ``image_inputs`` / ``mixed_inputs``: hand-built inputs (no tokenizer or
   processor needed); ``mixed_inputs`` puts one item of every modality the model takes in each row
   (InternVL: image; Qwen3-Omni-MoE thinker: image, video and audio).
+- ``calibration_items``: calibration data (inputs + labels on the last tokens) for ``modes_fx.calib``.
 - ``remove_routed_experts(model, token_mask_fn)``: context manager zeroing the routed experts'
   output rows of the selected tokens in every MoE layer (shared experts still run).
 - ``modality_mask(model, kind)``: the token-mask function for a modality.
@@ -662,6 +663,21 @@ def mixed_inputs(model: torch.nn.Module, batch: int = 1, seed: int = 0, pad: boo
         input_ids[row, length - len(ids):] = torch.tensor(ids)
         attention_mask[row, length - len(ids):] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, **{k: torch.cat(v) for k, v in tensors.items()}}
+
+
+def calibration_items(
+    model: torch.nn.Module, batches: int, answer_tokens: int = 3, inputs: Callable[..., dict] = image_inputs
+) -> list[dict]:
+    """Calibration items for ``modes_fx.calib``: ``batches`` padded batches of 2 rows from
+    ``inputs`` (seeds 0, 1, …), each with ``labels`` int64 [2, S] marking the last
+    ``answer_tokens`` positions of every row as the answer (-100 elsewhere)."""
+    items = []
+    for seed in range(batches):
+        batch = inputs(model, batch=2, seed=seed, pad=True)
+        labels = torch.full_like(batch["input_ids"], -100)
+        labels[:, -answer_tokens:] = batch["input_ids"][:, -answer_tokens:]
+        items.append({**batch, "labels": labels})
+    return items
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,21 +13,13 @@ import torch
 import modes_fx
 from modes_fx.calib.baselines import METHODS, BaselineTuner
 from modes_fx.schedule import Schedule
-from modes_fx.testing import build, experts_modules, image_inputs
+from modes_fx.testing import build, calibration_items, experts_modules, image_inputs
 
 TARGET = 0.375
 TOLERANCE = 0.02
 TOP_K = 4
 
 
-def _data(model, batches=2):
-    items = []
-    for seed in range(batches):
-        inputs = image_inputs(model, batch=2, seed=seed, pad=True)
-        labels = torch.full_like(inputs["input_ids"], -100)
-        labels[:, -3:] = inputs["input_ids"][:, -3:]
-        items.append({**inputs, "labels": labels})
-    return items
 
 
 def _inputs(item):
@@ -41,7 +33,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def data(model):
-    return _data(model)
+    return calibration_items(model, batches=2)
 
 
 @pytest.fixture(scope="module")

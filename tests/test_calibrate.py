@@ -8,20 +8,12 @@ import torch
 import modes_fx
 from modes_fx.calib import GridSpec, calibrate, evaluate_schedule, layer_importance
 from modes_fx.calib import session as session_module
-from modes_fx.testing import build, image_inputs
+from modes_fx.testing import build, calibration_items
 
 GRID = GridSpec(points=8, mapping="linear", tau_max={"text": 0.6, "vision": 0.6})
 TARGET = 0.5
 
 
-def _data(model, batches=3):
-    items = []
-    for seed in range(batches):
-        inputs = image_inputs(model, batch=2, seed=seed, pad=True)
-        labels = torch.full_like(inputs["input_ids"], -100)
-        labels[:, -3:] = inputs["input_ids"][:, -3:]
-        items.append({**inputs, "labels": labels})
-    return items
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +23,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def data(model):
-    return _data(model)
+    return calibration_items(model, batches=3)
 
 
 @pytest.fixture(scope="module")
@@ -120,4 +112,4 @@ def test_non_finite_logits_are_an_error():
     with torch.no_grad():
         broken.lm_head.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
-        calibrate(broken, _data(broken, batches=1), grid=GRID, progress=False)
+        calibrate(broken, calibration_items(broken, batches=1), grid=GRID, progress=False)

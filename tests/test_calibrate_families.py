@@ -9,21 +9,12 @@ import torch
 
 import modes_fx
 from modes_fx.calib import GridSpec, calibrate
-from modes_fx.testing import build, mixed_inputs
+from modes_fx.testing import build, calibration_items, mixed_inputs
 
 TARGET = 0.5
 POINTS = 4
 
 
-def _data(model, batches=1):
-    """Calibration items: mixed inputs, the last 2 text tokens of each row as the answer."""
-    items = []
-    for seed in range(batches):
-        inputs = mixed_inputs(model, batch=2, seed=seed, pad=True)
-        labels = torch.full_like(inputs["input_ids"], -100)
-        labels[:, -2:] = inputs["input_ids"][:, -2:]
-        items.append({**inputs, "labels": labels})
-    return items
 
 
 def _deployed_skip(model, data, schedule) -> modes_fx.tracking.SkipTracker:
@@ -46,7 +37,7 @@ def _deployed_skip(model, data, schedule) -> modes_fx.tracking.SkipTracker:
 )
 def test_calibrated_schedule_meets_its_target_when_deployed(name, modalities, search):
     model = build(name, experts_implementation="grouped_mm")
-    data = _data(model)
+    data = calibration_items(model, batches=1, answer_tokens=2, inputs=mixed_inputs)
     columns = modalities or ["text", "vision"]
     grid = GridSpec(points=POINTS, mapping="linear", tau_max={c: 0.6 for c in columns})
     schedule = calibrate(model, data, target_skip=TARGET, modalities=modalities, grid=grid, progress=False)

@@ -8,26 +8,18 @@ import torch
 
 import modes_fx
 from modes_fx.calib import GridSpec, calibrate
-from modes_fx.testing import SIGMOID_MOE_LAYERS, build, image_inputs
+from modes_fx.testing import SIGMOID_MOE_LAYERS, build, calibration_items
 
 GRID = GridSpec(points=6, mapping="linear", tau_max={"text": 0.8, "vision": 0.8})
 TARGET = 0.4
 
 
-def _data(model, batches=2):
-    items = []
-    for seed in range(batches):
-        inputs = image_inputs(model, batch=2, seed=seed, pad=True)
-        labels = torch.full_like(inputs["input_ids"], -100)
-        labels[:, -3:] = inputs["input_ids"][:, -3:]
-        items.append({**inputs, "labels": labels})
-    return items
 
 
 @pytest.mark.parametrize("name", ["kimi_k25"])  # the id names the model for docs/models.md
 def test_calibrated_schedule_meets_its_target_when_deployed(name):
     model = build(name, experts_implementation="grouped_mm")
-    data = _data(model)
+    data = calibration_items(model, batches=2)
     schedule = calibrate(model, data, target_skip=TARGET, grid=GRID, progress=False)
 
     assert schedule.model_class == "Kimi_K25ForConditionalGeneration"
