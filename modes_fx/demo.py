@@ -18,6 +18,7 @@ import torch
 import modes_fx
 from modes_fx.calib.baselines import BaselineTuner
 from modes_fx.digits import data, evaluate
+from modes_fx.digits.benchmark import evaluate_deployed
 from modes_fx.digits import model as digits_model
 
 TARGET_SKIP = 0.88
@@ -67,7 +68,8 @@ def _median_ms(fn, reps: int) -> float:
 
 def latency_ratios(model, batch: data.Batch, inner: str, reps: int, echo) -> tuple[float, float]:
     """(prefill, decode) speedups of the attached model compiled with ``backend="modes"`` over the
-    same model compiled with ``inner`` alone (dense), interleaved, median of ``reps``.
+    same model compiled with ``inner`` alone (dense); per phase, ``reps`` runs of dense then of
+    MoDES, median of each.
     Prefill: one forward of ``batch``; decode: 8 greedy steps with a KV cache at batch 1."""
     dense_impl = torch.compile(model._call_impl, backend=inner) if inner != "eager" else model._call_impl
     modes_impl = model._compiled_call_impl
@@ -122,8 +124,7 @@ def run(quick: bool = False, inner: str = "eager", echo=print) -> DemoResult:
     with BaselineTuner(model, calib, grid_points=16 if quick else 20, progress=not quick) as tuner:
         tuned = tuner.tune("modes", TARGET_SKIP)
         top1 = tuner.tune("top_k", TARGET_SKIP)
-        tuner.session.state.set_thresholds(top1.schedule.thresholds(), top1.schedule.rule)
-        top1_acc = evaluate.accuracy(model, test)
+        top1_acc, _ = evaluate_deployed(tuner, top1.schedule, test)
     schedule = tuned.schedule
     echo(schedule.table())
 
@@ -134,7 +135,7 @@ def run(quick: bool = False, inner: str = "eager", echo=print) -> DemoResult:
         with modes_fx.track() as stats:
             skipped = evaluate.accuracy(model, test)
         echo(str(modes_fx.last_report()))
-        show_examples(model, lambda **kw: model._call_impl(**kw), test[0], 3 if quick else 5, echo)
+        show_examples(model, model._call_impl, test[0], 3 if quick else 5, echo)
         prefill_x, decode_x = latency_ratios(model, test[0], inner, 3 if quick else 10, echo)
     finally:
         model._compiled_call_impl = None

@@ -108,27 +108,25 @@ def format_table(result: Result) -> str:
     targets = sorted({r.target for r in result.rows})
     methods = list(dict.fromkeys(r.method for r in result.rows))
     cell = {(r.method, r.target): r for r in result.rows}
-    head = "| method | " + " | ".join(f"{100 * t:.0f}% skip" for t in targets) + " |"
+    head = ["| method | " + " | ".join(f"{100 * t:.0f}% skip" for t in targets) + " |", "|---" * (len(targets) + 1) + "|"]
+
+    def table(text) -> list[str]:
+        """One row per method, ``text(row)`` in each target's cell ("-" where not run)."""
+        return head + [
+            f"| {m} | " + " | ".join("-" if (m, t) not in cell else text(cell[(m, t)]) for t in targets) + " |" for m in methods
+        ]
+
+    def overall(r: Row) -> str:
+        return f"**{r.retention:.2f}** [{100 * r.accuracy:.1f}, {r.skip:.3f}]" + ("" if r.reached else " †")
+
+    def by_modality(r: Row) -> str:
+        kinds = [k for k in ("vision", "text") if k in r.accuracy_by_modality]
+        return " / ".join(f"{100 * r.accuracy_by_modality[k] / result.dense_by_modality[k]:.1f}" for k in kinds)
+
     lines = [f"Dense accuracy: {100 * result.dense_accuracy:.2f}% (vision {100 * result.dense_by_modality.get('vision', float('nan')):.2f}%, "
              f"text {100 * result.dense_by_modality.get('text', float('nan')):.2f}%).",
-             "", "Retention (% of dense accuracy) [accuracy %, measured test skip]:", "", head, "|---" * (len(targets) + 1) + "|"]
-    for m in methods:
-        cells = []
-        for t in targets:
-            r = cell.get((m, t))
-            cells.append("-" if r is None else f"**{r.retention:.2f}** [{100 * r.accuracy:.1f}, {r.skip:.3f}]" + ("" if r.reached else " †"))
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "Retention on vision / text questions (% of dense on the same questions):", "", head, "|---" * (len(targets) + 1) + "|"]
-    for m in methods:
-        cells = []
-        for t in targets:
-            r = cell.get((m, t))
-            if r is None:
-                cells.append("-")
-                continue
-            parts = [f"{100 * r.accuracy_by_modality[k] / result.dense_by_modality[k]:.1f}" for k in ("vision", "text") if k in r.accuracy_by_modality]
-            cells.append(" / ".join(parts))
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+             "", "Retention (% of dense accuracy) [accuracy %, measured test skip]:", "", *table(overall),
+             "", "Retention on vision / text questions (% of dense on the same questions):", "", *table(by_modality)]
     if any(not r.reached for r in result.rows):
         lines += ["", "† the method could not reach the target skip ratio on the calibration split (closest value shown)."]
     return "\n".join(lines)
