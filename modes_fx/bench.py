@@ -13,7 +13,7 @@ KV cache). Variants, timed with interleaved repetitions:
 - ``modes skip=S``: ``backend="modes"`` with one uniform threshold per phase, solved for so that
   ``modes_fx.track()`` reads the skip ratio S (± 1%) on the benchmark prefill and decode.
 
-Then the W4A16 rows, on the same model (rebuilt from the same seed) converted to bf16 and
+With ``--precision w4a16`` (or ``both``): the W4A16 rows, on the same model (rebuilt from the same seed) converted to bf16 and
 quantized by :func:`modes_fx.quantize.quantize_experts` (int4 experts and linears, bf16
 activations): ``w4a16 dense`` (compiled as ``dense``; the baseline of these rows), ``w4a16
 tau=0`` and ``w4a16 skip=88%``, with the weight memory of the fp32, bf16 and W4A16 models and the
@@ -293,30 +293,47 @@ def experts_share(runner: Runner, op: str = "modes::masked_experts") -> dict[str
     return shares
 
 
-def run(cfg: BenchConfig, out_dir: Path, echo=print) -> dict:
-    """Run the benchmark; write ``speed.json`` and ``speed.png`` into ``out_dir``; return the result."""
-    import modes_fx
+PRECISIONS = ("fp32", "w4a16", "both")
 
+
+def run(cfg: BenchConfig, out_dir: Path, precision: str = "fp32", echo=print) -> dict:
+    """Run the benchmark: the fp32 rows, the W4A16 rows or ``both``; write ``speed.json`` and
+    ``speed.png`` into ``out_dir``; return the result (``variants`` / ``w4a16`` present for the
+    precisions run)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     torch.set_num_threads(os.cpu_count() or 1)
     torch._inductor.config.compile_threads = 1
     torch._dynamo.config.recompile_limit = 64
     start = time.perf_counter()
-    model = build_model(cfg)
-    runner = Runner(model, cfg)
     echo(f"config: {asdict(cfg)}; {torch.get_num_threads()} torch threads")
-    variants = [Variant("eager", "eager"), Variant("dense", "dense"), Variant("modes tau=0", "modes")]
-    with torch.no_grad():
-        variants, share = measure(runner, variants, SKIP_TARGETS, "modes", echo)
-    modes_fx.detach(model)
-    del runner, model
-    w4a16 = run_w4a16(cfg, echo)
-    result = {**_result(cfg, variants, share, time.perf_counter() - start), "w4a16": w4a16}
+    result = {"config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if precision in ("fp32", "both"):
+        result.update(run_fp32(cfg, echo))
+    if precision in ("w4a16", "both"):
+        result["w4a16"] = run_w4a16(cfg, echo)
+    result["seconds"] = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "speed.json").write_text(json.dumps(result, indent=2))
     echo(format_table(result))
     plotted = plot(result, out_dir / "speed.png")
     echo(f"wrote {out_dir / 'speed.json'}" + (f" and {plotted}" if plotted else " (no plot: pip install modes-fx[bench])"))
     return result
+
+
+def run_fp32(cfg: BenchConfig, echo) -> dict:
+    """The fp32 rows: eager, dense (the baseline), modes tau=0 and modes at :data:`SKIP_TARGETS`;
+    returns ``experts_share`` and ``variants`` (table rows)."""
+    import modes_fx
+
+    torch._dynamo.reset()
+    model = build_model(cfg)
+    runner = Runner(model, cfg)
+    variants = [Variant("eager", "eager"), Variant("dense", "dense"), Variant("modes tau=0", "modes")]
+    with torch.no_grad():
+        variants, share = measure(runner, variants, SKIP_TARGETS, "modes", echo)
+    modes_fx.detach(model)
+    return {"experts_share": share, "variants": _rows(variants, "dense", share)}
 
 
 def run_w4a16(cfg: BenchConfig, echo) -> dict:
@@ -425,30 +442,22 @@ def _rows(variants: list[Variant], baseline: str, share: dict[str, float]) -> li
     return rows
 
 
-def _result(cfg: BenchConfig, variants: list[Variant], share: dict[str, float], seconds: float) -> dict:
-    return {
-        "config": asdict(cfg),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "experts_share": share,
-        "variants": _rows(variants, "dense", share),
-        "seconds": seconds,
-    }
-
-
 def format_table(result: dict) -> str:
     """The result as fixed-width text tables (ms, ratios to each table's compiled dense row)."""
-    lines = _table(result["variants"], result["experts_share"])
-    w4 = result["w4a16"]
-    mib, expert_mib, logits = w4["weight_mib"], w4["expert_weight_mib"], w4["logits_vs_bf16"]
-    lines += [
-        "",
-        f"W4A16: int4 experts and linears (group size {w4['group_size']}), bf16 activations; x dense = vs w4a16 dense",
-        *_table(w4["variants"], w4["experts_share"]),
-        f"weights: fp32 {mib['fp32']:.1f} MiB, bf16 {mib['bf16']:.1f} MiB, W4A16 {mib['w4a16']:.1f} MiB; "
-        f"experts bf16 {expert_mib['bf16']:.1f} MiB → W4A16 {expert_mib['w4a16']:.1f} MiB ({w4['expert_memory_ratio']:.2f}x smaller)",
-        f"W4A16 vs bf16 logits on the benchmark prompt (eager, every position): relative error {logits['relative_error']:.4f}",
-    ]
+    lines = []
+    if "variants" in result:
+        lines += _table(result["variants"], result["experts_share"])
+    if "w4a16" in result:
+        w4 = result["w4a16"]
+        mib, expert_mib, logits = w4["weight_mib"], w4["expert_weight_mib"], w4["logits_vs_bf16"]
+        lines += [
+            "",
+            f"W4A16: int4 experts and linears (group size {w4['group_size']}), bf16 activations; x dense = vs w4a16 dense",
+            *_table(w4["variants"], w4["experts_share"]),
+            f"weights: fp32 {mib['fp32']:.1f} MiB, bf16 {mib['bf16']:.1f} MiB, W4A16 {mib['w4a16']:.1f} MiB; "
+            f"experts bf16 {expert_mib['bf16']:.1f} MiB → W4A16 {expert_mib['w4a16']:.1f} MiB ({w4['expert_memory_ratio']:.2f}x smaller)",
+            f"W4A16 vs bf16 logits on the benchmark prompt (eager, every position): relative error {logits['relative_error']:.4f}",
+        ]
     return "\n".join(lines)
 
 
@@ -483,7 +492,8 @@ def plot(result: dict, path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, phase in zip(axes, ("prefill", "decode")):
-        for rows, label, color in ((result["variants"], "fp32", "C0"), (result["w4a16"]["variants"], "W4A16", "C1")):
+        tables = (("variants" in result and result["variants"], "fp32", "C0"), ("w4a16" in result and result["w4a16"]["variants"], "W4A16", "C1"))
+        for rows, label, color in ((rows, label, color) for rows, label, color in tables if rows):
             modes = sorted((r[f"{phase}_skip"], r[f"{phase}_ms"]) for r in rows if r["impl"] == "modes")
             ax.plot([s for s, _ in modes], [ms for _, ms in modes], "o-", color=color, label=f"{label} backend=modes")
             for r, style in zip((r for r in rows if r["impl"] != "modes"), ("--", ":")):
@@ -506,6 +516,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for speed.json and speed.png")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default: 3, quick 1)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 8, quick 2)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 rows (default), W4A16 rows (int4 experts, bf16 activations) or both (about +5 minutes)")
 
 
 def speed(args: argparse.Namespace) -> int:
@@ -513,7 +525,7 @@ def speed(args: argparse.Namespace) -> int:
     cfg = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("reps", args.reps), ("num_layers", args.layers)) if v is not None}
     cfg = BenchConfig(**{**asdict(cfg), **overrides})
-    run(cfg, args.out)
+    run(cfg, args.out, args.precision)
     return 0
 
 

@@ -16,7 +16,7 @@ W4A16_NAMES = ["w4a16 dense", "w4a16 tau=0", "w4a16 skip=88%"]
 
 
 def test_quick_speed_benchmark_outputs(tmp_path, capsys):
-    assert main(["bench", "speed", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "speed", "--quick", "--out", str(tmp_path)]) == 0  # default: the fp32 rows only
     stdout = capsys.readouterr().out
     result = json.loads((tmp_path / "speed.json").read_text())
 
@@ -39,6 +39,16 @@ def test_quick_speed_benchmark_outputs(tmp_path, capsys):
             assert r[f"{phase}_amdahl_bound"] >= 1.0
     assert 0 < result["experts_share"]["prefill"] <= 1 and 0 < result["experts_share"]["decode"] <= 1
     assert "experts share" in stdout
+    assert "w4a16" not in result and "W4A16" not in stdout
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_speed_benchmark_w4a16_rows(tmp_path, capsys):
+    assert main(["bench", "speed", "--quick", "--precision", "w4a16", "--out", str(tmp_path)]) == 0
+    stdout = capsys.readouterr().out
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert "variants" not in result
 
     w4 = result["w4a16"]
     w4_rows = {r["name"]: r for r in w4["variants"]}

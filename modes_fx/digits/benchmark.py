@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 
 import modes_fx
 from modes_fx.calib.baselines import METHODS, BaselineTuner
@@ -27,8 +28,10 @@ from . import data, evaluate
 from . import model as digits_model
 
 TARGETS = (0.5, 0.67, 0.83, 0.88)
-QUICK = dict(targets=(0.88,), methods=("top_k", "uniform_threshold", "modes"), calib_limit=128, test_limit=256, grid_points=24)
-FULL = dict(targets=TARGETS, methods=METHODS, calib_limit=512, test_limit=None, grid_points=50)
+W4A16_METHOD = "modes (W4A16)"  # row name of MoDES calibrated and deployed on the W4A16 model
+QUICK = dict(targets=(0.88,), methods=("top_k", "uniform_threshold", "modes"), calib_limit=128, test_limit=256, grid_points=24,
+             w4a16_targets=())
+FULL = dict(targets=TARGETS, methods=METHODS, calib_limit=512, test_limit=None, grid_points=50, w4a16_targets=(0.88,))
 
 
 @dataclass
@@ -58,6 +61,11 @@ class Result:
     dense_by_type: dict[str, float]
     rows: list[Row] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    w4a16_accuracy: float | None = None  # the W4A16 model without skipping (None: not run)
+    w4a16_by_modality: dict[str, float] = field(default_factory=dict)
+    # per model ("fp32", "W4A16") whose GMLG statistics were computed: modalities, KL [L][M] of
+    # removing layer l's routed experts for modality m's tokens (nats), α [L][M]
+    importance: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -73,7 +81,9 @@ def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: 
     """Tune every method to every target on the calibration split, evaluate on the test split.
 
     ``quick``: 3 methods at 88% on a subset (for tests and a first look); ``overrides`` replace
-    entries of :data:`FULL` / :data:`QUICK` (targets, methods, calib_limit, test_limit, grid_points)."""
+    entries of :data:`FULL` / :data:`QUICK` (targets, methods, calib_limit, test_limit, grid_points,
+    w4a16_targets: skip ratios of the ``modes (W4A16)`` rows, MoDES calibrated on the bf16 model
+    quantized by :func:`modes_fx.quantize_experts`; empty: no W4A16 rows)."""
     start = time.perf_counter()
     cfg = {**(QUICK if quick else FULL), **overrides}
     model = digits_model.load()
@@ -83,23 +93,40 @@ def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: 
     result = Result(dense.overall, dense.by_modality, dense.by_type, config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()})
     echo(f"dense test accuracy {100 * dense.overall:.2f}% on {sum(dense.total.values())} questions "
          f"({len(calib)} calibration batches); tuning {len(cfg['methods'])} methods x {len(cfg['targets'])} skip ratios")
-    with BaselineTuner(model, calib, grid_points=cfg["grid_points"], progress=progress) as tuner:
-        for method in cfg["methods"]:
-            for target in cfg["targets"]:
-                tuned = tuner.tune(method, target)
-                acc, stats = evaluate_deployed(tuner, tuned.schedule, test)
-                row = Row(
-                    method, target, tuned.skip, tuned.kl, tuned.reached, stats.skip_ratio, stats.by_modality,
-                    acc.overall, acc.by_modality, acc.by_type, 100 * acc.overall / dense.overall, tuned.knob, tuned.passes,
-                )
-                result.rows.append(row)
-                echo(f"  {method:<19s} target {target:.2f}: test skip {row.skip:.3f}, accuracy {100 * row.accuracy:.2f}% "
-                     f"(retention {row.retention:.2f}%)" + ("" if tuned.reached else "  [target not reached on calibration]"))
+    tune_and_evaluate(result, model, calib, test, cfg["methods"], cfg["targets"], cfg["grid_points"], echo, progress)
+    if cfg["w4a16_targets"]:
+        w4a16 = digits_model.load().to(torch.bfloat16)
+        echo(str(modes_fx.quantize_experts(w4a16)))
+        plain = evaluate.accuracy(w4a16, test)
+        result.w4a16_accuracy, result.w4a16_by_modality = plain.overall, plain.by_modality
+        echo(f"W4A16 test accuracy without skipping {100 * plain.overall:.2f}% (retention {100 * plain.overall / dense.overall:.2f}%)")
+        tune_and_evaluate(result, w4a16, calib, test, ("modes",), cfg["w4a16_targets"], cfg["grid_points"], echo, progress, W4A16_METHOD)
     result.seconds = time.perf_counter() - start
     if out_dir is not None:
         write(result, Path(out_dir), echo)
     echo(format_table(result))
     return result
+
+
+def tune_and_evaluate(result: Result, model, calib, test, methods, targets, grid_points: int, echo, progress: bool, label: str | None = None) -> None:
+    """Append to ``result`` one :class:`Row` per method and target: tuned on ``calib`` with one
+    :class:`BaselineTuner` over ``model``, evaluated on ``test`` (retention against
+    ``result.dense_accuracy``). ``label``: row name instead of the method's (one method only)."""
+    with BaselineTuner(model, calib, grid_points=grid_points, progress=progress) as tuner:
+        for method in methods:
+            for target in targets:
+                tuned = tuner.tune(method, target)
+                acc, stats = evaluate_deployed(tuner, tuned.schedule, test)
+                row = Row(
+                    label or method, target, tuned.skip, tuned.kl, tuned.reached, stats.skip_ratio, stats.by_modality,
+                    acc.overall, acc.by_modality, acc.by_type, 100 * acc.overall / result.dense_accuracy, tuned.knob, tuned.passes,
+                )
+                result.rows.append(row)
+                echo(f"  {row.method:<19s} target {target:.2f}: test skip {row.skip:.3f}, accuracy {100 * row.accuracy:.2f}% "
+                     f"(retention {row.retention:.2f}%)" + ("" if tuned.reached else "  [target not reached on calibration]"))
+        if "importance_kls" in vars(tuner):  # computed (cached) by a GMLG method
+            result.importance["W4A16" if label == W4A16_METHOD else "fp32"] = {
+                "modalities": tuner.session.modalities, "kl": tuner.importance_kls, "alpha": tuner.gmlg_alpha}
 
 
 def format_table(result: Result) -> str:
@@ -125,8 +152,16 @@ def format_table(result: Result) -> str:
 
     lines = [f"Dense accuracy: {100 * result.dense_accuracy:.2f}% (vision {100 * result.dense_by_modality.get('vision', float('nan')):.2f}%, "
              f"text {100 * result.dense_by_modality.get('text', float('nan')):.2f}%).",
+             *([] if result.w4a16_accuracy is None else [
+                 f"W4A16 model (int4 experts and linears, bf16 activations) without skipping: {100 * result.w4a16_accuracy:.2f}% "
+                 f"(retention {100 * result.w4a16_accuracy / result.dense_accuracy:.2f}%); the `{W4A16_METHOD}` row is MoDES "
+                 "calibrated and deployed on that model, retention against the fp32 dense model."]),
              "", "Retention (% of dense accuracy) [accuracy %, measured test skip]:", "", *table(overall),
              "", "Retention on vision / text questions (% of dense on the same questions):", "", *table(by_modality)]
+    for name, stats in result.importance.items():
+        lines += ["", f"GMLG on the {name} model: KL of removing a layer's routed experts for one modality's tokens (nats) → α:", ""]
+        lines += [f"- {m}: " + ", ".join(f"layer {l} {kl[i]:.4f} → {a[i]:.3f}" for l, (kl, a) in enumerate(zip(stats["kl"], stats["alpha"])))
+                  for i, m in enumerate(stats["modalities"])]
     if any(not r.reached for r in result.rows):
         lines += ["", "† the method could not reach the target skip ratio on the calibration split (closest value shown)."]
     return "\n".join(lines)
