@@ -1,0 +1,51 @@
+"""``modes bench accuracy`` on a small slice of the digits splits: every requested (method, target)
+row exists with a measured skip ratio, retention is accuracy over the dense accuracy, the W4A16
+rows come from the quantized model, and the JSON / markdown / PNG outputs are written (format,
+not figures)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from modes_fx.digits import benchmark
+
+METHODS = ("top_k", "modes")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("accuracy")
+    result = benchmark.run(quick=True, out_dir=out, echo=lambda *_: None, progress=False, methods=METHODS,
+                           targets=(0.5,), w4a16_targets=(0.5,), calib_limit=64, test_limit=64, grid_points=8)
+    return result, out
+
+
+def test_every_method_and_target_has_a_measured_row(bench):
+    result, _ = bench
+    assert [(r.method, r.target) for r in result.rows] == [*((m, 0.5) for m in METHODS), (benchmark.W4A16_METHOD, 0.5)]
+    for row in result.rows:
+        assert 0 < row.skip < 1 and set(row.skip_by_modality) == {"text", "vision"}
+        assert row.retention == pytest.approx(100 * row.accuracy / result.dense_accuracy)
+        assert set(row.accuracy_by_modality) == {"text", "vision"}
+    assert 0.9 < result.dense_accuracy <= 1 and result.w4a16_accuracy is not None
+
+
+def test_gmlg_statistics_are_reported_per_model(bench):
+    result, _ = bench
+    assert set(result.importance) == {"fp32", "W4A16"}
+    for stats in result.importance.values():
+        assert stats["modalities"] == ["text", "vision"]
+        for column in range(2):
+            assert sum(row[column] for row in stats["alpha"]) == pytest.approx(1.0)
+
+
+def test_outputs_are_written(bench):
+    result, out = bench
+    saved = json.loads((out / "accuracy.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == [r.method for r in result.rows]
+    table = (out / "accuracy.md").read_text()
+    assert all(f"| {m} |" in table for m in (*METHODS, benchmark.W4A16_METHOD)) and "W4A16 model" in table and "α" in table
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
