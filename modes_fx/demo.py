@@ -113,15 +113,15 @@ def run(quick: bool = False, inner: str = "eager", echo=print) -> DemoResult:
     start = time.perf_counter()
     inner = "eager" if quick else inner
     model = digits_model.load()
-    test = data.split_batches("test", limit=192 if quick else None)
-    calib = data.calibration_data("calibration", limit=128 if quick else 192)
+    test = data.split_batches("test", limit=64 if quick else None)
+    calib = data.calibration_data("calibration", limit=64 if quick else 192)
     echo(f"model: {type(model).__name__} trained on scikit-learn digits ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
          f"{len(test)} test batches")
     dense = evaluate.accuracy(model, test)
     echo(f"dense accuracy: {100 * dense.overall:.2f}%  (vision {100 * dense.by_modality['vision']:.2f}%, text {100 * dense.by_modality['text']:.2f}%)")
 
     echo(f"calibrating for {TARGET_SKIP:.0%} skipped routed pairs (GMLG + frontier search) ...")
-    with BaselineTuner(model, calib, grid_points=16 if quick else 20, progress=not quick) as tuner:
+    with BaselineTuner(model, calib, grid_points=10 if quick else 20, progress=not quick) as tuner:
         tuned = tuner.tune("modes", TARGET_SKIP)
         top1 = tuner.tune("top_k", TARGET_SKIP)
         top1_acc, _ = evaluate_deployed(tuner, top1.schedule, test)

@@ -63,6 +63,7 @@ class Result:
     config: dict = field(default_factory=dict)
     w4a16_accuracy: float | None = None  # the W4A16 model without skipping (None: not run)
     w4a16_by_modality: dict[str, float] = field(default_factory=dict)
+    w4a16_logit_error: float | None = None  # ‖W4A16 − bf16‖ / ‖bf16‖ of the logits on the first test batch
     # per model ("fp32", "W4A16") whose GMLG statistics were computed: modalities, KL [L][M] of
     # removing layer l's routed experts for modality m's tokens (nats), α [L][M]
     importance: dict[str, dict] = field(default_factory=dict)
@@ -95,17 +96,28 @@ def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: 
          f"({len(calib)} calibration batches); tuning {len(cfg['methods'])} methods x {len(cfg['targets'])} skip ratios")
     tune_and_evaluate(result, model, calib, test, cfg["methods"], cfg["targets"], cfg["grid_points"], echo, progress)
     if cfg["w4a16_targets"]:
-        w4a16 = digits_model.load().to(torch.bfloat16)
-        echo(str(modes_fx.quantize_experts(w4a16)))
+        w4a16, result.w4a16_logit_error = quantized_model(test[0], echo)
         plain = evaluate.accuracy(w4a16, test)
         result.w4a16_accuracy, result.w4a16_by_modality = plain.overall, plain.by_modality
-        echo(f"W4A16 test accuracy without skipping {100 * plain.overall:.2f}% (retention {100 * plain.overall / dense.overall:.2f}%)")
+        echo(f"W4A16 test accuracy without skipping {100 * plain.overall:.2f}% (retention {100 * plain.overall / dense.overall:.2f}%); "
+             f"logits vs bf16: relative error {result.w4a16_logit_error:.4f}")
         tune_and_evaluate(result, w4a16, calib, test, ("modes",), cfg["w4a16_targets"], cfg["grid_points"], echo, progress, W4A16_METHOD)
     result.seconds = time.perf_counter() - start
     if out_dir is not None:
         write(result, Path(out_dir), echo)
     echo(format_table(result))
     return result
+
+
+def quantized_model(batch: data.Batch, echo=print) -> tuple[torch.nn.Module, float]:
+    """The digits model in bf16, quantized by :func:`modes_fx.quantize_experts` (W4A16), and the
+    relative error ‖W4A16 − bf16‖ / ‖bf16‖ of its logits (every position) on ``batch``."""
+    model = digits_model.load().to(torch.bfloat16)
+    with torch.no_grad():
+        reference = model(**batch.inputs).logits.float()
+        echo(str(modes_fx.quantize_experts(model)))
+        logits = model(**batch.inputs).logits.float()
+    return model, float((logits - reference).norm() / reference.norm())
 
 
 def tune_and_evaluate(result: Result, model, calib, test, methods, targets, grid_points: int, echo, progress: bool, label: str | None = None) -> None:
@@ -154,7 +166,8 @@ def format_table(result: Result) -> str:
              f"text {100 * result.dense_by_modality.get('text', float('nan')):.2f}%).",
              *([] if result.w4a16_accuracy is None else [
                  f"W4A16 model (int4 experts and linears, bf16 activations) without skipping: {100 * result.w4a16_accuracy:.2f}% "
-                 f"(retention {100 * result.w4a16_accuracy / result.dense_accuracy:.2f}%); the `{W4A16_METHOD}` row is MoDES "
+                 f"(retention {100 * result.w4a16_accuracy / result.dense_accuracy:.2f}%; logits' relative error vs the bf16 model "
+                 f"{result.w4a16_logit_error:.4f} on the first test batch); the `{W4A16_METHOD}` row is MoDES "
                  "calibrated and deployed on that model, retention against the fp32 dense model."]),
              "", "Retention (% of dense accuracy) [accuracy %, measured test skip]:", "", *table(overall),
              "", "Retention on vision / text questions (% of dense on the same questions):", "", *table(by_modality)]
