@@ -35,13 +35,18 @@ def _answer_logprobs(run: Callable, batch: CalibrationBatch) -> torch.Tensor:
     return torch.log_softmax(picked, dim=-1)
 
 
-def reference_logprobs(run: Callable, batches: list[CalibrationBatch]) -> list[torch.Tensor]:
-    """One unskipped pass: answer-position log-probs per batch (only those rows are kept)."""
-    return [_answer_logprobs(run, b) for b in batches]
+def reference_logprobs(run: Callable, batches: list[CalibrationBatch], sites: int) -> list[torch.Tensor]:
+    """One unskipped pass: answer-position log-probs per batch (only those rows are kept).
+    ``sites``: MoE sites per forward; every one must go through the modes op (else RuntimeError)."""
+    with tracking.track() as stats:
+        out = [_answer_logprobs(run, b) for b in batches]
+    stats.require_calls(len(batches) * sites, "calibration reference pass")
+    return out
 
 
-def measure(run: Callable, batches: list[CalibrationBatch], reference: list[torch.Tensor]) -> Measurement:
-    """KL against ``reference`` and the measured skip ratio, with whatever thresholds are set."""
+def measure(run: Callable, batches: list[CalibrationBatch], reference: list[torch.Tensor], sites: int) -> Measurement:
+    """KL against ``reference`` and the measured skip ratio, with whatever thresholds are set.
+    ``sites``: MoE sites per forward; every one must go through the modes op (else RuntimeError)."""
     total_kl, tokens = 0.0, 0
     with tracking.track() as stats:
         for batch, ref in zip(batches, reference):
@@ -49,4 +54,5 @@ def measure(run: Callable, batches: list[CalibrationBatch], reference: list[torc
             ref = ref.to(cur.device)
             total_kl += float((ref.exp() * (ref - cur)).sum())
             tokens += ref.shape[0]
+    stats.require_calls(len(batches) * sites, "calibration measurement")
     return Measurement(kl=max(total_kl, 0.0) / tokens, skip=stats.skip_ratio, by_modality=stats.by_modality)

@@ -48,7 +48,7 @@ class CalibrationSession:
         modes_fx.attach(self.model, self.base)
         self.state = runtime.state_of(self.model)
         self.model.compile(backend="modes", options={"inner": self.inner})
-        self.reference = reference_logprobs(self.model, self.batches)
+        self.reference = reference_logprobs(self.model, self.batches, self.num_sites)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -72,12 +72,12 @@ class CalibrationSession:
     def measure_table(self, table: torch.Tensor) -> Measurement:
         """KL and skip ratio with the threshold table float32 [L, M + 1] (rule "pi") in force."""
         self.state.set_thresholds(table)
-        return measure(self.model, self.batches, self.reference)
+        return measure(self.model, self.batches, self.reference, self.num_sites)
 
     def measure_schedule(self, schedule: Schedule) -> Measurement:
         """KL and skip ratio with ``schedule`` (any rule; for this session's model) in force."""
         self.state.set_thresholds(schedule.thresholds(), schedule.rule)
-        return measure(self.model, self.batches, self.reference)
+        return measure(self.model, self.batches, self.reference, self.num_sites)
 
     def ablation_table(self, layer: int, column: int) -> torch.Tensor:
         """Thresholds that remove layer ``layer``'s routed experts for modality ``column`` only."""

@@ -134,6 +134,7 @@ def run(quick: bool = False, inner: str = "eager", echo=print) -> DemoResult:
     try:
         with modes_fx.track() as stats:
             skipped = evaluate.accuracy(model, test)
+        stats.require_calls(len(test) * len(schedule.site_paths), "MoDES evaluation")
         echo(str(modes_fx.last_report()))
         show_examples(model, model._call_impl, test[0], 3 if quick else 5, echo)
         prefill_x, decode_x = latency_ratios(model, test[0], inner, 3 if quick else 10, echo)

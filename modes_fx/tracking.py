@@ -70,6 +70,18 @@ class SkipTracker:
         """Skip ratio per MoE site path (sites that saw tokens)."""
         return {p: c.skip_ratio for p, c in self._sum(0).items() if c.total}
 
+    def require_calls(self, expected: int, what: str) -> None:
+        """Raise ``RuntimeError`` unless exactly ``expected`` site calls were counted (e.g. forwards
+        × MoE sites): fewer means part of the model ran without the modes rewrite, so its routed
+        experts ran dense and uncounted while the skip ratio still looks right."""
+        if self.calls != expected:
+            raise RuntimeError(
+                f"{what}: {self.calls} MoE site calls went through the modes op, expected {expected}: part of the "
+                "model ran without the modes rewrite (most often Dynamo hit torch._dynamo.config.recompile_limit "
+                "and fell back to eager for a frame; torch._dynamo.reset() or a higher limit fixes it), so the "
+                "measurement would silently include dense experts"
+            )
+
     def __str__(self) -> str:
         lines = [f"skip ratio {self.skip_ratio:.4f} ({self.skipped} of {self.kept + self.skipped} pairs)"]
         lines += [f"  {m:<8s} {r:.4f}" for m, r in self.by_modality.items()]

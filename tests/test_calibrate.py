@@ -8,6 +8,7 @@ import torch
 import modes_fx
 from modes_fx.calib import GridSpec, calibrate, evaluate_schedule, layer_importance
 from modes_fx.calib import session as session_module
+from modes_fx.calib.data import prepare
 from modes_fx.testing import build, calibration_items
 
 GRID = GridSpec(points=8, mapping="linear", tau_max={"text": 0.6, "vision": 0.6})
@@ -113,3 +114,17 @@ def test_non_finite_logits_are_an_error():
         broken.lm_head.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
         calibrate(broken, calibration_items(broken, batches=1), grid=GRID, progress=False)
+
+
+def test_a_pass_that_bypasses_the_rewrite_is_an_error_not_a_measurement(model, data):
+    """If part of the model runs without the modes op (e.g. Dynamo fell back to eager after its
+    recompile limit), its experts run dense and uncounted; the session must refuse to measure."""
+    with session_module.CalibrationSession(model, prepare(data), ["text", "vision"]) as session:
+        table = session.ablation_table(0, 0)
+        session.measure_table(table)  # compiled: fine
+        compiled, model._compiled_call_impl = model._compiled_call_impl, None  # run uncompiled
+        try:
+            with pytest.raises(RuntimeError, match="without the modes rewrite"):
+                session.measure_table(table)
+        finally:
+            model._compiled_call_impl = compiled

@@ -1,6 +1,7 @@
 """track(): the counts it reports equal a direct count of the keep masks it was shown."""
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -62,3 +63,11 @@ def test_nothing_is_recorded_outside_track():
         pass
     tracking.record("layers.0.mlp", MODALITIES, torch.tensor([1]), torch.tensor([[False]]))
     assert t.calls == 0 and math.isnan(t.skip_ratio)
+
+
+def test_require_calls_names_a_model_that_ran_without_the_rewrite():
+    with tracking.track() as t:
+        tracking.record("layers.0.mlp", MODALITIES, torch.tensor([1]), torch.tensor([[True]]))
+    t.require_calls(1, "a pass")  # exactly as expected: nothing raised
+    with pytest.raises(RuntimeError, match=r"a pass: 1 MoE site calls .* expected 2: .*without the modes rewrite.*recompile_limit"):
+        t.require_calls(2, "a pass")

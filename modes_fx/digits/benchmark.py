@@ -75,6 +75,7 @@ def evaluate_deployed(tuner: BaselineTuner, schedule: modes_fx.Schedule, batches
     tuner.session.state.set_thresholds(schedule.thresholds(), schedule.rule)
     with modes_fx.track() as stats:
         acc = evaluate.accuracy(tuner.session.model, batches)
+    stats.require_calls(len(batches) * tuner.session.num_sites, "accuracy evaluation")
     return acc, stats
 
 
@@ -96,6 +97,7 @@ def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: 
          f"({len(calib)} calibration batches); tuning {len(cfg['methods'])} methods x {len(cfg['targets'])} skip ratios")
     tune_and_evaluate(result, model, calib, test, cfg["methods"], cfg["targets"], cfg["grid_points"], echo, progress)
     if cfg["w4a16_targets"]:
+        torch._dynamo.reset()  # the fp32 session's graphs would count towards the W4A16 model's recompile limit
         w4a16, result.w4a16_logit_error = quantized_model(test[0], echo)
         plain = evaluate.accuracy(w4a16, test)
         result.w4a16_accuracy, result.w4a16_by_modality = plain.overall, plain.by_modality
