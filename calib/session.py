@@ -3,6 +3,7 @@ measurement only swaps the threshold table (no recompilation) and runs the deplo
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
@@ -31,6 +32,9 @@ def default_modalities(model: torch.nn.Module, batches: list[CalibrationBatch]) 
     return columns
 
 
+RECOMPILE_LIMIT = 64  # Dynamo's per-frame recompile limit while a session is open (default 8)
+
+
 class CalibrationSession:
     """Context manager: attach a τ = 0 schedule, compile ``model`` in place, take the reference
     pass; on exit restore the model's previous compilation and attachment."""
@@ -42,13 +46,21 @@ class CalibrationSession:
         self.reference: list[torch.Tensor] = []
 
     def __enter__(self) -> "CalibrationSession":
+        # calibration batches differ in shape and image count; each new combination is a Dynamo
+        # recompilation, and past the limit a frame would run eagerly, i.e. without the modes op
+        self._dynamo_config = torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT))
+        self._dynamo_config.__enter__()
         previous = runtime.state_of(self.model)
         self._previous_schedule = previous.schedule if previous else None
         self._previous_compiled = self.model._compiled_call_impl
-        modes_fx.attach(self.model, self.base)
-        self.state = runtime.state_of(self.model)
-        self.model.compile(backend="modes", options={"inner": self.inner})
-        self.reference = reference_logprobs(self.model, self.batches, self.num_sites)
+        try:
+            modes_fx.attach(self.model, self.base)
+            self.state = runtime.state_of(self.model)
+            self.model.compile(backend="modes", options={"inner": self.inner})
+            self.reference = reference_logprobs(self.model, self.batches, self.num_sites)
+        except BaseException:  # e.g. non-finite logits: leave the model and Dynamo as they were
+            self.__exit__(*sys.exc_info())
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -56,6 +68,7 @@ class CalibrationSession:
         modes_fx.detach(self.model)
         if self._previous_schedule is not None:
             modes_fx.attach(self.model, self._previous_schedule)
+        self._dynamo_config.__exit__(*exc)
 
     @property
     def num_sites(self) -> int:

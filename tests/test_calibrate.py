@@ -128,3 +128,15 @@ def test_a_pass_that_bypasses_the_rewrite_is_an_error_not_a_measurement(model, d
                 session.measure_table(table)
         finally:
             model._compiled_call_impl = compiled
+
+
+def test_a_failed_session_start_restores_the_model_and_dynamo_limits():
+    broken = build("qwen3_vl_moe", experts_implementation="grouped_mm")
+    with torch.no_grad():
+        broken.lm_head.weight[0, 0] = float("nan")
+    limit = torch._dynamo.config.recompile_limit
+    session = session_module.CalibrationSession(broken, prepare(calibration_items(broken, batches=1)), ["text", "vision"])
+    with pytest.raises(FloatingPointError):
+        session.__enter__()
+    assert torch._dynamo.config.recompile_limit == limit
+    assert broken._compiled_call_impl is None and modes_fx.runtime.state_of(broken) is None

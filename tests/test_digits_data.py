@@ -122,7 +122,11 @@ def test_text_only_batches_carry_no_pixels():
 
 def test_calibration_data_predicts_the_answer_at_the_last_position():
     items = data.calibration_data(batch_size=32, limit=70)
-    assert [it["input_ids"].shape[0] for it in items] == [32, 32, 6]
+    qs = data.questions("calibration")[:70]
+    vision = sum(q.image is not None for q in qs)
+    # vision questions first, then text ones; every batch but the last of each kind is full
+    assert [it["input_ids"].shape[0] for it in items] == [32] * (vision // 32) + [vision % 32] * (vision % 32 > 0) + [70 - vision]
+    assert ["pixel_values" in it for it in items] == [True] * (len(items) - 1) + [False]
     for batch in prepare(items):
         expected = torch.zeros_like(batch.predict_mask)
         expected[:, -1] = True

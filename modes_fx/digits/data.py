@@ -310,11 +310,17 @@ def encode(questions: Sequence[Question]) -> Batch:
 
 def split_batches(split: str, batch_size: int = 64, limit: int | None = None) -> list[Batch]:
     """The first ``limit`` (default all) questions of an evaluation split, in batches of
-    ``batch_size`` (the last one may be smaller)."""
+    ``batch_size``: the vision questions first, then the text questions, so that every batch but
+    the last of each kind holds the same number of images (a compiled model then sees a handful
+    of batch compositions instead of one per image count, each of which would cost Dynamo a
+    recompilation and soon its recompile limit)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     qs = questions(split)[:limit]
-    return [encode(qs[i:i + batch_size]) for i in range(0, len(qs), batch_size)]
+    out = []
+    for group in ([q for q in qs if q.image is not None], [q for q in qs if q.image is None]):
+        out += [encode(group[i:i + batch_size]) for i in range(0, len(group), batch_size)]
+    return out
 
 
 def calibration_data(split: str = "calibration", batch_size: int = 64, limit: int | None = None) -> list[dict]:
