@@ -97,9 +97,14 @@ def _columns(model):
     return ["text", "image", "video"] if hasattr(model.config, "image_token_id") else ["text"]
 
 
-@pytest.mark.parametrize("name", SIGMOID_MODEL_NAMES)
-@pytest.mark.parametrize("impl", EXPERTS_IMPLEMENTATIONS)
-def test_tau_zero_inf_and_mid_thresholds_against_independent_references(name, impl):
+# transformers' eager experts loop is one shared piece of code (a Dynamo trace of it costs ~25 s):
+# it runs on Kimi-K2.5, whose experts default to it
+@pytest.mark.parametrize(
+    "impl,name",
+    [(i, n) for i in EXPERTS_IMPLEMENTATIONS for n in SIGMOID_MODEL_NAMES if i != "eager" or n == "kimi_k25"],
+    ids=lambda v: str(v),
+)
+def test_tau_zero_inf_and_mid_thresholds_against_independent_references(impl, name):
     model = build(name, experts_implementation=impl)
     inputs = _inputs(model, name)
     removed_kind = "text" if name == "deepseek_v3" else "image"

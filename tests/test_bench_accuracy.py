@@ -14,16 +14,11 @@ from modes_fx.digits import benchmark
 METHODS = ("top_k", "modes")
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("accuracy")
-    result = benchmark.run(quick=True, out_dir=out, echo=lambda *_: None, progress=False, methods=METHODS,
+def test_accuracy_benchmark_rows_statistics_and_outputs(tmp_path):
+    """One test (one benchmark run: ~1 min) rather than several sharing a fixture, which
+    pytest-xdist would run once per worker."""
+    result = benchmark.run(quick=True, out_dir=tmp_path, echo=lambda *_: None, progress=False, methods=METHODS,
                            targets=(0.5,), w4a16_targets=(0.5,), calib_limit=64, test_limit=64, grid_points=8)
-    return result, out
-
-
-def test_every_method_and_target_has_a_measured_row(bench):
-    result, _ = bench
     assert [(r.method, r.target) for r in result.rows] == [*((m, 0.5) for m in METHODS), (benchmark.W4A16_METHOD, 0.5)]
     for row in result.rows:
         assert 0 < row.skip < 1 and set(row.skip_by_modality) == {"text", "vision"}
@@ -32,18 +27,13 @@ def test_every_method_and_target_has_a_measured_row(bench):
     assert 0.9 < result.dense_accuracy <= 1 and result.w4a16_accuracy is not None
     assert 0 < result.w4a16_logit_error < 0.2  # int4 moves the trained model's logits a little, not to noise
 
-
-def test_gmlg_statistics_are_reported_per_model(bench):
-    result, _ = bench
     assert set(result.importance) == {"fp32", "W4A16"}
     for stats in result.importance.values():
         assert stats["modalities"] == ["text", "vision"]
         for column in range(2):
             assert sum(row[column] for row in stats["alpha"]) == pytest.approx(1.0)
 
-
-def test_outputs_are_written(bench):
-    result, out = bench
+    out = tmp_path
     saved = json.loads((out / "accuracy.json").read_text())
     assert [r["method"] for r in saved["rows"]] == [r.method for r in result.rows]
     table = (out / "accuracy.md").read_text()

@@ -62,7 +62,12 @@ class Compiled:
         torch._dynamo.reset()
 
 
-@pytest.fixture(scope="module", params=[(n, i) for n in MULTIMODAL_MOE_NAMES for i in EXPERTS_IMPLEMENTATIONS], ids=lambda p: "-".join(p))
+# transformers' eager experts loop is one shared piece of code: it runs on the four-modality Omni thinker
+@pytest.fixture(
+    scope="module",
+    params=[(n, i) for n in MULTIMODAL_MOE_NAMES for i in EXPERTS_IMPLEMENTATIONS if i != "eager" or n == "qwen3_omni_moe"],
+    ids=lambda p: "-".join(p),
+)
 def compiled(request):
     case = Compiled(*request.param)
     yield case
