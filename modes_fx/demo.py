@@ -18,7 +18,7 @@ import torch
 import modes_fx
 from modes_fx.calib.baselines import BaselineTuner
 from modes_fx.digits import data, evaluate
-from modes_fx.digits.benchmark import evaluate_deployed
+from modes_fx.digits.benchmark import FULL, evaluate_deployed
 from modes_fx.digits import model as digits_model
 
 TARGET_SKIP = 0.88
@@ -114,7 +114,8 @@ def run(quick: bool = False, inner: str = "eager", echo=print) -> DemoResult:
     inner = "eager" if quick else inner
     model = digits_model.load()
     test = data.split_batches("test", limit=64 if quick else None)
-    calib = data.calibration_data("calibration", limit=64 if quick else 192)
+    # the full demo calibrates as `modes bench accuracy` does, so its MoDES row is the benchmark's
+    calib = data.calibration_data("calibration", limit=64 if quick else FULL["calib_limit"])
     echo(f"model: {type(model).__name__} trained on scikit-learn digits ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
          f"{len(test)} test batches")
     dense = evaluate.accuracy(model, test)
@@ -124,7 +125,7 @@ def run(quick: bool = False, inner: str = "eager", echo=print) -> DemoResult:
     # the graphs compiled for calibration are the ones deployment reuses (Dynamo's cache is per
     # code object and the thresholds are read at run time), so the report starts here
     modes_fx.reset_report()
-    with BaselineTuner(model, calib, grid_points=10 if quick else 20, progress=not quick) as tuner:
+    with BaselineTuner(model, calib, grid_points=10 if quick else FULL["grid_points"], progress=not quick) as tuner:
         tuned = tuner.tune("modes", TARGET_SKIP)
         top1 = tuner.tune("top_k", TARGET_SKIP)
         top1_acc, _ = evaluate_deployed(tuner, top1.schedule, test)
