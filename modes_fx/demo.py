@@ -18,7 +18,7 @@ import torch
 import modes_fx
 from modes_fx.calib.baselines import BaselineTuner
 from modes_fx.digits import data, evaluate
-from modes_fx.digits.benchmark import FULL, evaluate_deployed
+from modes_fx.digits.benchmark import FULL, evaluate_deployed, tracked_accuracy
 from modes_fx.digits import model as digits_model
 
 TARGET_SKIP = 0.88
@@ -135,9 +135,7 @@ def run(quick: bool = False, inner: str = "eager", echo=print) -> DemoResult:
     modes_fx.attach(model, schedule)
     model.compile(backend="modes", options={"inner": inner})
     try:
-        with modes_fx.track() as stats:
-            skipped = evaluate.accuracy(model, test)
-        stats.require_calls(len(test) * len(schedule.site_paths), "MoDES evaluation")
+        skipped, stats = tracked_accuracy(model, test, len(schedule.site_paths), "MoDES evaluation")
         report = modes_fx.last_report()
         echo(str(report))
         show_examples(model, model._call_impl, test[0], 3 if quick else 5, echo)

@@ -73,9 +73,16 @@ class Result:
 def evaluate_deployed(tuner: BaselineTuner, schedule: modes_fx.Schedule, batches: list[data.Batch]):
     """(accuracy, tracker) of ``schedule`` deployed on the tuner's compiled model, on ``batches``."""
     tuner.session.state.set_thresholds(schedule.thresholds(), schedule.rule)
+    return tracked_accuracy(tuner.session.model, batches, tuner.session.num_sites, "accuracy evaluation")
+
+
+def tracked_accuracy(model, batches: list[data.Batch], sites: int, what: str):
+    """(accuracy, tracker) of the attached, compiled ``model`` on ``batches``; raises
+    ``RuntimeError`` (naming ``what``) unless every forward ran all ``sites`` MoE sites through
+    the modes op."""
     with modes_fx.track() as stats:
-        acc = evaluate.accuracy(tuner.session.model, batches)
-    stats.require_calls(len(batches) * tuner.session.num_sites, "accuracy evaluation")
+        acc = evaluate.accuracy(model, batches)
+    stats.require_calls(len(batches) * sites, what)
     return acc, stats
 
 
