@@ -6,6 +6,7 @@ Cost: 1 reference pass + L·M ablation passes + the search passes over the calib
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from modes_fx.schedule import Schedule
 from modes_fx.sites import model_fingerprint
 
-from .cache import DiskCache
+from .cache import DiskCache, config_fingerprint, weights_fingerprint
 from .data import CalibrationBatch, fingerprint, prepare
 from .frontier import FrontierResult, frontier_search, search_mode
 from .grids import PAPER_POINTS, PAPER_X_MAX, tau_grid
@@ -50,15 +51,28 @@ def _check_target(target_skip: float) -> None:
         raise ValueError(f"target_skip must be in (0, 1) exclusive, got {target_skip!r}")
 
 
-def _cache(cache_dir, model, batches: list[CalibrationBatch], modalities, grid: GridSpec, inner: str) -> DiskCache | None:
+def _cache(cache_dir, model, batches: list[CalibrationBatch], modalities, grid: GridSpec, inner: str, mode: str) -> DiskCache | None:
+    """The resumable cache, keyed by everything its entries depend on: every weight and buffer
+    (bytes, dtype, shape, tensor type: quantized weights differ), the architecture and config,
+    the data, the columns, the grid, the search mode, the method, the inner compiler and the
+    library version. The target skip is not in the key: the cache holds per-(layer, column)
+    ablation KLs (importance.py: ``session.measure_table(session.ablation_table(l, m)).kl``) and
+    per-τ (KL, skip) measurements (frontier.py: ``_Lookup`` stores ``evaluate(taus)``, a pass
+    with α and τ only); the target only chooses among them (``_best``, ``_reachable``), so any
+    target may reuse them (tested in tests/test_calibration_cache.py)."""
     if cache_dir is None:
         return None
     key = {
-        "model": model_fingerprint(model),
+        "weights": weights_fingerprint(model),
+        "architecture": model_fingerprint(model)["architecture"],
+        "config": config_fingerprint(model),
         "data": fingerprint(batches),
         "modalities": modalities,
         "grid": asdict(grid),
+        "search": search_mode(mode, len(modalities)),
+        "method": "modes",
         "inner": inner,
+        "version": importlib.metadata.version("modes-fx"),
     }
     return DiskCache(cache_dir, key)
 
@@ -87,7 +101,7 @@ def calibrate(
     batches = prepare(data)
     modalities = modalities or default_modalities(model, batches)
     grids = [grid.grid(column) for column in modalities]
-    cache = _cache(cache_dir, model, batches, modalities, grid, inner)
+    cache = _cache(cache_dir, model, batches, modalities, grid, inner, mode)
     sections = (cache.section("importance"), cache.section("frontier")) if cache else (None, None)
     with CalibrationSession(model, batches, modalities, inner) as session:
         alpha = normalise(importance_kls(session, sections[0], progress), modalities)
