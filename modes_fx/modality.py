@@ -86,3 +86,38 @@ def token_modality_ids(
         mask = attention_mask[:, -input_ids.shape[1]:]
         ids = torch.where(mask.to(torch.bool), ids, NO_MODALITY)
     return ids.reshape(-1)
+
+
+def check_input_ids(
+    input_ids: torch.Tensor, vocab_size: int | None, special_ids: Sequence[int] = (), what: str = "input_ids"
+) -> None:
+    """Raise ValueError naming the first token id of ``input_ids`` (int [B, S] or [S]) outside
+    ``[0, vocab_size)``: its value, its position (batch row, column) and the vocabulary size.
+
+    special_ids: placeholder ids (image, video, audio tokens) accepted even outside the vocabulary
+    (the model replaces them before the embedding). No check when ``vocab_size`` is None or
+    ``input_ids`` is not an integer tensor. One device sync (the ``any``) when all ids are valid."""
+    if vocab_size is None or not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
+        return
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if special_ids:
+        bad &= ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device, dtype=input_ids.dtype))
+    if not bad.any():
+        return
+    ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids.reshape(-1, input_ids.shape[-1])
+    row, col = (int(i) for i in bad.reshape(ids.shape).nonzero()[0])
+    value = int(ids[row, col])
+    count = int(bad.sum())
+    more = f" ({count} such ids in all)" if count > 1 else ""
+    raise ValueError(
+        f"{what} holds token id {value} at (batch row {row}, column {col}), outside the model's "
+        f"vocabulary of {vocab_size} ids (valid: 0 .. {vocab_size - 1}){more}"
+    )
+
+
+def text_vocab_size(config) -> int | None:
+    """The text vocabulary size of a model config (``get_text_config().vocab_size``: multimodal
+    configs keep it in their text config), or None when the config does not say."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "vocab_size", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -24,7 +24,7 @@ import torch
 
 from modes_fx.kernels.reference import RULES
 from modes_fx.modality import GROUP_COLUMNS, TOKEN_KINDS, check_columns, special_token_ids
-from modes_fx.sites import MoESite, check_supported, find_moe_sites, model_fingerprint
+from modes_fx.sites import MoESite, check_router_weights, check_supported, find_moe_sites, model_fingerprint
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no rule field, always "pi"
@@ -420,6 +420,7 @@ def _check_list(name: str, value) -> None:
 
 
 def _sites_or_raise(model: torch.nn.Module) -> list[MoESite]:
+    check_router_weights(model)  # before probing: a NaN router would read as an unknown formula
     check_supported(model)
     sites = find_moe_sites(model)
     if not sites:

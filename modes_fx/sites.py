@@ -61,7 +61,35 @@ def find_moe_sites(model: torch.nn.Module) -> list[MoESite]:
     Runs each router once on a 16-token probe input (under ``no_grad``, calling ``forward``
     directly so no hooks fire) to determine ``router_kind`` and ``normalizes_top_k``; a router on
     the meta device, or one that does not follow a known formula, is ``"unknown"``."""
-    sites = []
+    return [
+        _make_site(index, path, block, router, experts_path, experts)
+        for index, (path, block, router, experts_path, experts) in enumerate(_blocks(model))
+    ]
+
+
+def check_router_weights(model: torch.nn.Module) -> None:
+    """Raise ValueError naming the first MoE site whose router weight holds NaN or ±inf.
+
+    Such a router cannot route (and probing it would only report an unknown formula); run before
+    ``find_moe_sites`` probes the routers. Meta and tensor-subclass weights are not checked."""
+    for index, (path, _, router, _, _) in enumerate(_blocks(model)):
+        weight = router.module.weight
+        if type(weight) not in (torch.Tensor, torch.nn.Parameter) or weight.is_meta or not weight.is_floating_point():
+            continue
+        finite = torch.isfinite(weight)
+        if bool(finite.all()):
+            continue
+        nan = int(torch.isnan(weight).sum())
+        what = "NaN" if nan else "inf"
+        count = nan or int((~finite).sum())
+        raise ValueError(
+            f"router weight of MoE site {index} ({path}.{router.name}.weight) has {what} "
+            f"({count} of {weight.numel()} values): the model weights are broken; check the checkpoint"
+        )
+
+
+def _blocks(model: torch.nn.Module):
+    """(block path, block, router, experts path, experts) of every MoE block, in layer order."""
     for experts_path, experts in model.named_modules():
         if not _is_experts_module(experts) or "." not in experts_path:
             continue
@@ -69,8 +97,7 @@ def find_moe_sites(model: torch.nn.Module) -> list[MoESite]:
         block = model.get_submodule(path)
         found = _find_router(block, experts, _num_experts(experts))
         if found is not None:
-            sites.append(_make_site(len(sites), path, block, found, experts_path, experts))
-    return sites
+            yield path, block, found, experts_path, experts
 
 
 class UnsupportedModelError(ValueError):
