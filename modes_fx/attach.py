@@ -21,9 +21,14 @@ def as_schedule(schedule: Schedule | str | os.PathLike) -> Schedule:
 def attach(model: torch.nn.Module, schedule: Schedule | str | os.PathLike) -> torch.nn.Module:
     """Validate ``schedule`` against ``model`` and install what ``backend="modes"`` needs.
 
-    Records which parameters belong to which MoE site and adds a forward pre-hook that computes
-    every token's modality id from ``input_ids`` / ``attention_mask``. Attaching again replaces
-    the previous schedule (idempotent). Returns ``model``.
+    Records which parameters belong to which MoE site (until ``detach`` or until the model is
+    garbage-collected), adds a forward pre-hook that computes every token's modality id from
+    ``input_ids`` / ``attention_mask``, and a forward hook that checks every MoE site went
+    through the modes op (else a ``ModesFallbackWarning`` says why, see ``modes_fx.fallback``).
+    While a model is attached, Dynamo's recompile limit is at least ``runtime.RECOMPILE_LIMIT``
+    (varied serving shapes recompile transformers' shared wrapper frames; past the limit a
+    frame would run dense). Attaching again replaces the previous schedule (idempotent).
+    Returns ``model``.
     """
     schedule = as_schedule(schedule)
     schedule.check_model(model)
@@ -31,12 +36,19 @@ def attach(model: torch.nn.Module, schedule: Schedule | str | os.PathLike) -> to
     state = runtime.AttachedState.create(model, schedule)
 
     @torch.compiler.disable
-    def record_modalities(module, args, kwargs):
+    def begin_forward(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        state.record_call(input_ids, kwargs.get("attention_mask"))
+        state.begin_forward(input_ids, kwargs.get("attention_mask"))
 
-    state.hook_handle = model.register_forward_pre_hook(record_modalities, with_kwargs=True)
-    runtime.register(state)
+    @torch.compiler.disable
+    def end_forward(module, args, output):
+        state.end_forward()
+
+    state.hook_handles = [
+        model.register_forward_pre_hook(begin_forward, with_kwargs=True),
+        model.register_forward_hook(end_forward),
+    ]
+    runtime.register(state, model)
     return model
 
 
@@ -44,6 +56,7 @@ def detach(model: torch.nn.Module) -> torch.nn.Module:
     """Undo ``attach`` (no-op when nothing is attached). Returns ``model``."""
     state = runtime.state_of(model)
     if state is not None:
-        state.hook_handle.remove()
+        for handle in state.hook_handles:
+            handle.remove()
         runtime.unregister(state)
     return model

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx
 
-from modes_fx import runtime
+from modes_fx import fallback, runtime
 from modes_fx.passes.match_moe_sites import match_moe_sites
 from modes_fx.passes.rewrite_masked_dispatch import RewriteMaskedDispatch
 from modes_fx.passes.rewrite_sentinel_routing import RewriteSentinelRouting
@@ -31,7 +31,9 @@ def last_report() -> Report:
 
 
 def reset_report() -> None:
+    """Start a new report; untouched MoE routing is warned about again."""
     _REPORT.graphs.clear()
+    fallback.reset()
 
 
 def resolver_for(example_inputs: Sequence) -> Callable[[fx.Node], runtime.ParamRole | None]:
@@ -66,7 +68,7 @@ def _attach_from_options(schedule, example_inputs: Sequence) -> None:
     attach(model, schedule)
     args = call.get("args") or ()
     input_ids = call.get("input_ids", args[0] if args else None)
-    runtime.state_of(model).record_call(input_ids, call.get("attention_mask"))
+    runtime.state_of(model).begin_forward(input_ids, call.get("attention_mask"))
 
 
 def _traced_frame_locals() -> dict:
@@ -127,6 +129,7 @@ def modes_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | 
     _REPORT.graphs.append(report)
     for line in report.lines():
         log.info(line)
+    fallback.untouched([u.reason for u in report.unsupported], report.index)
     if current is gm:
         return _inner_compile(gm, example_inputs, inner, mode)
     with torch.no_grad():

@@ -176,6 +176,7 @@ def route_mask_impl(scores: torch.Tensor, router_weight: torch.Tensor) -> torch.
     if role is None or role.role != "router_weight":
         raise RuntimeError("modes: route_mask got a router weight that belongs to no attached model")
     state = role.state
+    state.count_site_call()
     modality_ids = state.call_modality_ids(scores.shape[0], scores.device)
     keep = state.keep_mask(role.site, scores, modality_ids)
     tracking.record(state.sites[role.site].path, state.schedule.modalities, modality_ids, keep)

@@ -15,21 +15,31 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from modes_fx import fallback, tracking
 from modes_fx.kernels.reference import RULES, keep_mask
-from modes_fx.modality import UNMAPPED, kind_to_column, special_token_ids, token_modality_ids
+from modes_fx.modality import UNMAPPED, check_input_ids, kind_to_column, special_token_ids, text_vocab_size, token_modality_ids
 from modes_fx.schedule import Schedule
 from modes_fx.sites import MoESite, find_moe_sites, site_parameters
 
 PARAM_ROLES = ("router_weight", "gate_up_proj", "down_proj")
+# Dynamo's per-frame recompile limit while a model is attached (Dynamo's default is 8). Serving
+# traffic (image sizes, batch sizes, prompt lengths, generate) recompiles transformers' shared
+# wrapper frames once per wrapped function and shape class; past the limit Dynamo runs a frame
+# eagerly, i.e. without the modes op (reported by modes_fx.fallback, but slow and unskipped).
+RECOMPILE_LIMIT = 64
 
 
 @dataclass(frozen=True)
 class ParamRole:
-    """What a parameter is to modes: which site of which attached model, and which weight."""
+    """What a parameter is to modes: which site of which attached model, and which weight.
+
+    ``tensor`` refers weakly to the parameter, so a registry entry whose parameter died or moved
+    (``model.to``) is recognised as stale instead of resolving a new tensor at the same address."""
 
     state: "AttachedState"
     site: int
     role: str
+    tensor: weakref.ref
 
 
 @dataclass(eq=False, repr=False)
@@ -50,9 +60,14 @@ class AttachedState:
     thresholds: torch.Tensor
     rule: str = "pi"
     modality_ids: torch.Tensor | None = None
-    hook_handle: object = None
+    hook_handles: list = field(default_factory=list)
+    forwards: int = 0  # completed forwards of the attached model
+    bypassed_forwards: int = 0  # forwards in which some MoE site ran dense (see modes_fx.fallback)
+    _site_calls: int = 0  # modes op calls during the current forward
+    _warned: bool = False
     _device_thresholds: dict = field(default_factory=dict)
     _score_observers: list = field(default_factory=list)
+    vocab_size: int | None = None  # the text vocabulary; input ids outside it are refused
 
     def __repr__(self) -> str:
         return f"AttachedState({self.schedule.model_class}, {len(self.sites)} sites, modalities={self.schedule.modalities})"
@@ -67,6 +82,7 @@ class AttachedState:
             kind_ids=kind_to_column(schedule.modalities),
             thresholds=schedule.thresholds(),
             rule=schedule.rule,
+            vocab_size=text_vocab_size(model.config),
         )
 
     def set_thresholds(self, table: torch.Tensor, rule: str = "pi") -> None:
@@ -112,6 +128,7 @@ class AttachedState:
         if input_ids is None:
             self.modality_ids = None
             return
+        check_input_ids(input_ids, self.vocab_size, tuple(self.kind_token_ids.values()))
         ids = token_modality_ids(input_ids, attention_mask, self.kind_token_ids, self.kind_ids)
         if (ids == UNMAPPED).any():
             missing = [k for k, v in self.kind_ids.items() if v == UNMAPPED]
@@ -120,6 +137,27 @@ class AttachedState:
                 f"(uncovered: {', '.join(missing)}; schedule modalities: {self.schedule.modalities})"
             )
         self.modality_ids = ids
+
+    def begin_forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+        """Start of a forward of the attached model: record its token modalities and tell the
+        active ``track()`` blocks how many MoE site calls to expect."""
+        self.record_call(input_ids, attention_mask)
+        self._site_calls = 0
+        tracking.expect(len(self.sites))
+
+    def count_site_call(self) -> None:
+        """One MoE site went through the modes op (called by ``modes::route_mask``)."""
+        self._site_calls += 1
+
+    def end_forward(self) -> None:
+        """End of a forward: warn (once per attached model) when some MoE site ran dense."""
+        self.forwards += 1
+        if self._site_calls >= len(self.sites):
+            return
+        self.bypassed_forwards += 1
+        if not self._warned:
+            self._warned = True
+            fallback.warn(fallback.bypass_message(self.model_ref(), self._site_calls, len(self.sites)))
 
     def call_modality_ids(self, num_tokens: int, device: torch.device) -> torch.Tensor:
         """The current call's modality ids int64 [T], checked against the T rows an MoE site sees."""
@@ -136,15 +174,15 @@ class AttachedState:
             )
         return ids.to(device)
 
-    def param_roles(self) -> dict[int, tuple[int, str]]:
-        """weight_key → (site index, role) for the current weights of every site."""
+    def param_roles(self) -> dict[int, ParamRole]:
+        """weight_key → ParamRole for the current weights of every site."""
         model = self.model_ref()
         if model is None:
             return {}
         roles = {}
         for site in self.sites:
             for role, param in site_parameters(model, site).items():
-                roles[weight_key(param)] = (site.index, role)
+                roles[weight_key(param)] = ParamRole(self, site.index, role, weakref.ref(param))
         return roles
 
 
@@ -160,23 +198,51 @@ def weight_key(tensor: torch.Tensor) -> int:
 
 _STATES: list[AttachedState] = []
 _ROLES: dict[int, ParamRole] = {}
+_FINALIZERS: dict[int, weakref.finalize] = {}  # id(state) → finalizer of its model
+_SAVED_RECOMPILE_LIMIT: list[int] = []  # Dynamo's limit before the first attach raised it
 
 
-def register(state: AttachedState) -> None:
+def register(state: AttachedState, model: torch.nn.Module) -> None:
+    """Make ``state`` (attached to ``model``) known to the ops; the entry dies with ``model``."""
     _STATES.append(state)
+    _FINALIZERS[id(state)] = weakref.finalize(model, _forget, state)
+    _raise_recompile_limit()
     _refresh()
 
 
 def unregister(state: AttachedState) -> None:
-    _STATES.remove(state)
+    _FINALIZERS.pop(id(state)).detach()
+    _forget(state)
+
+
+def _forget(state: AttachedState) -> None:
+    _FINALIZERS.pop(id(state), None)
+    if state in _STATES:
+        _STATES.remove(state)
+    if not _STATES:
+        _restore_recompile_limit()
     _refresh()
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    if not _SAVED_RECOMPILE_LIMIT and config.recompile_limit < RECOMPILE_LIMIT:
+        _SAVED_RECOMPILE_LIMIT.append(config.recompile_limit)
+        config.recompile_limit = RECOMPILE_LIMIT
+
+
+def _restore_recompile_limit() -> None:
+    """Give Dynamo back its limit once no model is attached (unless the user changed it since)."""
+    if _SAVED_RECOMPILE_LIMIT:
+        saved = _SAVED_RECOMPILE_LIMIT.pop()
+        if torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = saved
 
 
 def _refresh() -> None:
     _ROLES.clear()
     for state in _STATES:
-        for ptr, (site, role) in state.param_roles().items():
-            _ROLES[ptr] = ParamRole(state, site, role)
+        _ROLES.update(state.param_roles())
 
 
 def role_of(tensor: torch.Tensor) -> ParamRole | None:
@@ -187,10 +253,16 @@ def role_of(tensor: torch.Tensor) -> ParamRole | None:
         return None
     ptr = weight_key(tensor)
     found = _ROLES.get(ptr)
-    if found is None:
+    if found is None or not _current(found, ptr):
         _refresh()
         found = _ROLES.get(ptr)
     return found
+
+
+def _current(role: ParamRole, ptr: int) -> bool:
+    """Whether ``role``'s parameter is alive and still stored at ``ptr``."""
+    param = role.tensor()
+    return param is not None and weight_key(param) == ptr
 
 
 def state_of(model: torch.nn.Module) -> AttachedState | None:

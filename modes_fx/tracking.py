@@ -3,6 +3,11 @@
 Counts come from the keep mask that the dispatch consumed, so they are what was computed.
 Skip ratio = skipped pairs / (tokens with a modality · k), summed over MoE sites; padding
 (modality id 0) is not counted.
+
+A tracker also knows how many MoE site calls it should have seen: every forward of an attached
+model announces its number of MoE sites (``expect``). When fewer went through the ``modes`` op
+(part of the model ran dense, see ``modes_fx.fallback``), the ratios would describe only part of
+the model, so they raise :class:`IncompleteTrackingError` instead.
 """
 from __future__ import annotations
 
@@ -13,6 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 _ACTIVE: list["SkipTracker"] = []
+
+
+class IncompleteTrackingError(RuntimeError):
+    """``track()`` saw fewer MoE site calls than the attached models' forwards should have made."""
 
 
 @dataclass
@@ -37,9 +46,23 @@ class SkipTracker:
     """Counts per (site path, modality name), filled while the ``track()`` block runs."""
 
     counts: dict[tuple[str, str], Counts] = field(default_factory=lambda: defaultdict(Counts))
-    calls: int = 0
+    calls: int = 0  # MoE site calls that went through the modes op
+    expected_calls: int = 0  # MoE site calls the attached models' forwards should have made
+
+    @property
+    def complete(self) -> bool:
+        """Whether every MoE site call of every forward went through the modes op."""
+        return self.calls >= self.expected_calls
+
+    def _check_complete(self) -> None:
+        if not self.complete:
+            raise IncompleteTrackingError(
+                f"track(): only {self.calls} of {self.expected_calls} MoE site calls went through the modes op; the "
+                "others ran dense (see the ModesFallbackWarning issued for them), so no skip ratio is reported"
+            )
 
     def _sum(self, key_index: int) -> dict[str, Counts]:
+        self._check_complete()
         out: dict[str, Counts] = defaultdict(Counts)
         for key, c in self.counts.items():
             out[key[key_index]].kept += c.kept
@@ -48,10 +71,12 @@ class SkipTracker:
 
     @property
     def kept(self) -> int:
+        self._check_complete()
         return sum(c.kept for c in self.counts.values())
 
     @property
     def skipped(self) -> int:
+        self._check_complete()
         return sum(c.skipped for c in self.counts.values())
 
     @property
@@ -83,6 +108,8 @@ class SkipTracker:
             )
 
     def __str__(self) -> str:
+        if not self.complete:
+            return f"incomplete: {self.calls} of {self.expected_calls} MoE site calls went through the modes op; no skip ratio"
         lines = [f"skip ratio {self.skip_ratio:.4f} ({self.skipped} of {self.kept + self.skipped} pairs)"]
         lines += [f"  {m:<8s} {r:.4f}" for m, r in self.by_modality.items()]
         return "\n".join(lines)
@@ -97,6 +124,13 @@ def track():
         yield tracker
     finally:
         _ACTIVE.remove(tracker)
+
+
+def expect(site_calls: int) -> None:
+    """Announce to every active tracker that a forward of an attached model is about to make
+    ``site_calls`` MoE site calls (one per MoE site)."""
+    for tracker in _ACTIVE:
+        tracker.expected_calls += site_calls
 
 
 def record(site_path: str, modalities: list[str], modality_ids: torch.Tensor, keep: torch.Tensor) -> None:
