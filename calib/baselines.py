@@ -291,6 +291,7 @@ class BaselineTuner:
         alpha = self.gmlg_alpha if method == "modes" else [[1.0 / L] * M for _ in range(L)]
         grid = self.grid or GridSpec(
             points=self.grid_points,
+            mapping="exp",
             x_max={column: exp_x(max(row[m] for row in alpha)) for m, column in enumerate(self.base.modalities)},
         )
         grids = [grid.grid(column) for column in self.base.modalities]
