@@ -20,26 +20,43 @@ from modes_fx.sites import model_fingerprint
 from .cache import DiskCache, config_fingerprint, weights_fingerprint
 from .data import CalibrationBatch, fingerprint, prepare
 from .frontier import FrontierResult, frontier_search, search_mode
-from .grids import PAPER_POINTS, PAPER_X_MAX, tau_grid
+from .grids import MAPPINGS, PAPER_POINTS, PAPER_X_MAX, score_grid, tau_grid, top_tau
 from .importance import importance_kls, normalise
 from .measure import Measurement
-from .session import CalibrationSession, default_modalities
+from .scores import RoutingScores
+from .session import CalibrationSession, check_token_ids, default_modalities
 
 
 @dataclass
 class GridSpec:
     """τ grids of the search, one per schedule column.
 
-    mapping "exp" (the paper's): x ∈ [0, x_max[column]] mapped by τ = 2 / (1 + e^(-10 (x - 1)));
-    "linear": τ ∈ [0, tau_max[column]]. Columns missing from x_max use the paper's text range
-    for "text" and its visual range otherwise."""
+    mapping "scores" (default): follows the calibration data (grids.score_grid): τ = 0, then the
+    column's observed scores α · π at the quantiles k / (points − 1), then a τ above every α · π
+    (skip ratio 1), so every target in (0, 1) is reachable on any depth; x_max and tau_max are
+    not used. "exp" (the paper's grid, ``GridSpec(mapping="exp")``): x ∈ [0, x_max[column]]
+    mapped by τ = 2 / (1 + e^(-10 (x - 1))); "linear": τ ∈ [0, tau_max[column]]. Columns
+    missing from x_max use the paper's text range for "text" and its visual range otherwise."""
 
     points: int = PAPER_POINTS
-    mapping: str = "exp"
+    mapping: str = "scores"
     x_max: dict[str, float] = field(default_factory=dict)
     tau_max: dict[str, float] = field(default_factory=dict)
 
-    def grid(self, column: str) -> list[float]:
+    def __post_init__(self) -> None:
+        if self.mapping not in MAPPINGS:
+            raise ValueError(f"unknown mapping {self.mapping!r}; expected one of {', '.join(MAPPINGS)}")
+        if isinstance(self.points, bool) or not isinstance(self.points, int) or self.points < 2:
+            raise ValueError(f"points must be an integer >= 2, got {self.points!r}")
+
+    def grid(self, column: str, scores: torch.Tensor | None = None, alpha: list[float] | None = None) -> list[float]:
+        """The ascending τ grid of ``column``. "scores" needs the column's observed scores
+        α[l, m] · π (``scores.RoutingScores.scores``) and its α over layers; the fixed mappings
+        ignore both."""
+        if self.mapping == "scores":
+            if scores is None or alpha is None:
+                raise ValueError('the "scores" grid follows the calibration data: pass the column\'s scores α · π and α')
+            return score_grid(scores, self.points, top_tau(alpha))
         x_max = self.x_max.get(column, PAPER_X_MAX["text" if column == "text" else "vision"])
         if self.mapping == "linear":
             return tau_grid(self.points, "linear", x_max=x_max, tau_max=self.tau_max.get(column))
@@ -91,23 +108,35 @@ def calibrate(
     """Calibrate a MoDES schedule for ``model`` on ``data`` reaching ``target_skip``.
 
     data: calibration items (calib/data.py); modalities: schedule columns (default text plus
-    vision/audio when present in the data); grid: τ grids (default: the paper's, D = 100);
+    vision/audio when present in the data); grid: τ grids (default: ``GridSpec()``, D = 100
+    points per column following the data's scores α · π, so any target is reachable; the
+    paper's grid is ``GridSpec(mapping="exp")``);
     cache_dir: where the resumable cache lives (None: no cache); inner: the inner compiler of
     the ``modes`` backend used for every pass; mode: the frontier search ("auto": exact
     two-pointer walk for ≤ 2 columns, coordinate-wise frontier steps for more; see frontier.py).
-    The returned schedule records the searched KL (nats per answer token) and skip ratio."""
+    The returned schedule records the searched KL (nats per answer token) and skip ratio, and
+    in ``calibration["grid"]`` the grid spec with the τ values searched per column ("taus")."""
     _check_target(target_skip)
     grid = grid or GridSpec()
     batches = prepare(data)
+    check_token_ids(model, batches)  # before the cache fingerprints the weights
     modalities = modalities or default_modalities(model, batches)
-    grids = [grid.grid(column) for column in modalities]
+    fixed = None if grid.mapping == "scores" else [grid.grid(column) for column in modalities]
     cache = _cache(cache_dir, model, batches, modalities, grid, inner, mode)
     sections = (cache.section("importance"), cache.section("frontier")) if cache else (None, None)
-    with CalibrationSession(model, batches, modalities, inner) as session:
+    session = CalibrationSession(model, batches, modalities, inner)
+    observed = session.reference_observer = RoutingScores(session.num_sites, len(modalities)) if fixed is None else None
+    with session:
         alpha = normalise(importance_kls(session, sections[0], progress), modalities)
+        grids = fixed or [
+            grid.grid(column, observed.scores(alpha, m), [row[m] for row in alpha]) for m, column in enumerate(modalities)
+        ]
         found = search_thresholds(session, alpha, grids, target_skip, sections[1], mode, progress)
     if not found.feasible:
-        raise ValueError(found.message)
+        raise ValueError(
+            f"{found.message}; the default grid (GridSpec(mapping=\"scores\"), `modes calibrate --mapping scores`) "
+            "follows the data's scores and reaches any target"
+        )
     return dataclasses.replace(
         session.schedule(alpha, list(found.best.taus)),
         target_skip=target_skip,
@@ -117,7 +146,7 @@ def calibrate(
             "kl": found.best.kl,
             "batches": len(batches),
             "answer_tokens": sum(b.num_answer_tokens for b in batches),
-            "grid": asdict(grid),
+            "grid": {**asdict(grid), "taus": dict(zip(modalities, grids))},
             "search": search_mode(mode, len(grids)),
             "passes": 1 + len(alpha) * len(modalities) + len(found.evaluated),
             "frontier": [[list(e.taus), e.kl, e.skip] for e in found.evaluated],

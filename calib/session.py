@@ -2,6 +2,7 @@
 measurement only swaps the threshold table (no recompilation) and runs the deployed op path."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 
@@ -9,7 +10,7 @@ import torch
 
 import modes_fx
 from modes_fx import runtime
-from modes_fx.modality import GROUP_COLUMNS, kind_to_column, special_token_ids
+from modes_fx.modality import GROUP_COLUMNS, check_input_ids, kind_to_column, special_token_ids, text_vocab_size
 from modes_fx.schedule import Schedule
 
 from .data import CalibrationBatch
@@ -32,15 +33,30 @@ def default_modalities(model: torch.nn.Module, batches: list[CalibrationBatch]) 
     return columns
 
 
+def check_token_ids(model: torch.nn.Module, batches: list[CalibrationBatch]) -> None:
+    """Raise ValueError naming the first calibration item whose input_ids hold an id outside the
+    model's vocabulary (the id, its batch row and column, the vocabulary size)."""
+    vocab, special = text_vocab_size(model.config), tuple(special_token_ids(model.config).values())
+    for n, batch in enumerate(batches):
+        check_input_ids(batch.inputs["input_ids"], vocab, special, what=f"calibration item {n}: input_ids")
+
+
 RECOMPILE_LIMIT = 64  # Dynamo's per-frame recompile limit while a session is open (default 8)
 
 
 class CalibrationSession:
     """Context manager: attach a τ = 0 schedule, compile ``model`` in place, take the reference
-    pass; on exit restore the model's previous compilation and attachment."""
+    pass; on exit restore the model's previous compilation and attachment.
+
+    ``reference_observer`` (set before entering, default None): sees every (site, π scores,
+    modality ids) of the reference pass (``AttachedState.observing_scores``), e.g. a
+    ``scores.RoutingScores`` for the default τ grids."""
+
+    reference_observer = None
 
     def __init__(self, model: torch.nn.Module, batches: list[CalibrationBatch], modalities: list[str], inner: str = "eager"):
         kind_to_column(modalities)  # validates the names
+        check_token_ids(model, batches)
         self.model, self.batches, self.inner = model, batches, inner
         self.base = Schedule.constant(model, tau={}, modalities=modalities)
         self.reference: list[torch.Tensor] = []
@@ -57,7 +73,9 @@ class CalibrationSession:
             modes_fx.attach(self.model, self.base)
             self.state = runtime.state_of(self.model)
             self.model.compile(backend="modes", options={"inner": self.inner})
-            self.reference = reference_logprobs(self.model, self.batches, self.num_sites)
+            observing = self.state.observing_scores(self.reference_observer) if self.reference_observer else contextlib.nullcontext()
+            with observing:
+                self.reference = reference_logprobs(self.model, self.batches, self.num_sites)
         except BaseException:  # e.g. non-finite logits: leave the model and Dynamo as they were
             self.__exit__(*sys.exc_info())
             raise

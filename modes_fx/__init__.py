@@ -9,14 +9,14 @@ torch.compile backend.
 
 W4A16 (int4 weights, bf16 activations) before attaching: ``modes_fx.quantize_experts(model)``.
 """
-from modes_fx.attach import attach, detach
+from modes_fx.attach import attach, detach, running_dense
 from modes_fx.backend import last_report, reset_report
 from modes_fx.calib import calibrate
 from modes_fx.fallback import ModesFallbackWarning
 from modes_fx.schedule import Schedule
 from modes_fx.tracking import track
 
-__all__ = ["ModesFallbackWarning", "Schedule", "attach", "calibrate", "detach", "last_report", "quantize_experts", "reset_report", "track"]
+__all__ = ["ModesFallbackWarning", "Schedule", "attach", "calibrate", "detach", "last_report", "quantize_experts", "reset_report", "running_dense", "track"]
 
 
 def __getattr__(name: str):

@@ -1,7 +1,9 @@
 """``attach`` / ``detach``: bind a Schedule to a Hugging Face MoE model."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -50,6 +52,22 @@ def attach(model: torch.nn.Module, schedule: Schedule | str | os.PathLike) -> to
     ]
     runtime.register(state, model)
     return model
+
+
+@contextlib.contextmanager
+def running_dense(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block, forwards of the attached ``model`` may run without the modes op on
+    purpose (a dense baseline: the uncompiled ``model._call_impl``, or ``model`` compiled with
+    another backend): no ``ModesFallbackWarning``, and ``track()`` does not expect their MoE
+    calls. Yields ``model``; raises ValueError when nothing is attached to it."""
+    state = runtime.state_of(model)
+    if state is None:
+        raise ValueError(f"running_dense: no schedule is attached to this {type(model).__name__}")
+    state.dense_on_purpose += 1
+    try:
+        yield model
+    finally:
+        state.dense_on_purpose -= 1
 
 
 def detach(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,12 +1,28 @@
 """The ``modes`` command line: ``modes demo``, ``modes calibrate``, ``modes schedule show FILE``,
-``modes bench speed``, ``modes bench accuracy``."""
+``modes bench speed``, ``modes bench accuracy``.
+
+Bad input (a missing file, a folder that is no model, an argument out of range, and the
+ValueErrors the library raises for bad data or schedules) ends the command with one
+``modes: error: ...`` line on stderr and exit status 2, without a traceback (``-v`` shows it);
+any other exception is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+import traceback
+from pathlib import Path
 
 from modes_fx.bench import add_arguments as bench_arguments
+from modes_fx.quiet import quiet_third_party
+
+USAGE_ERROR = 2  # exit status of bad input, as argparse's own errors
+_MAX_ERROR_LINES = 20  # longer messages are cut to their first line
+
+
+class UsageError(Exception):
+    """Bad command line input; ``main`` prints the message as ``modes: error: ...``, exit 2."""
 
 
 def _demo(args) -> int:
@@ -20,12 +36,54 @@ def _load_model(folder: str, experts_implementation: str):
     """A Hugging Face model from a local folder, by the architecture its config names."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(folder)
+    _check_model_folder(folder)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {folder}: cannot read config.json ({_first_line(e)})") from None
     name = (config.architectures or [None])[0]
     cls = getattr(transformers, name, None) if name else None
     if cls is None:
-        raise SystemExit(f"modes: {folder}/config.json names no transformers architecture I can load ({name!r})")
+        raise UsageError(f"--model {folder}: config.json names no transformers architecture I can load ({name!r})")
     return cls.from_pretrained(folder, experts_implementation=experts_implementation).eval()
+
+
+def _check_model_folder(folder: str) -> None:
+    path = Path(folder)
+    if not path.exists():
+        raise UsageError(f"--model {folder}: no such folder")
+    if not path.is_dir():
+        raise UsageError(f"--model {folder} is not a model folder: not a folder")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--model {folder} is not a model folder: no config.json")
+
+
+def _check_calibrate_args(args) -> None:
+    """Everything about ``modes calibrate``'s arguments that can be checked before loading the model."""
+    from modes_fx.calib.files import SUFFIXES
+    from modes_fx.modality import check_columns
+
+    if not (0.0 < args.target_skip < 1.0):  # also refuses NaN
+        raise UsageError(f"--target-skip must be in (0, 1) exclusive, got {args.target_skip}")
+    if args.points < 2:
+        raise UsageError(f"--points must be at least 2, got {args.points}")
+    if args.tau_max is not None and not (math.isfinite(args.tau_max) and args.tau_max > 0):
+        raise UsageError(f"--tau-max must be a finite number > 0, got {args.tau_max}")
+    if args.modalities is not None:
+        try:
+            check_columns(args.modalities)
+        except ValueError as e:
+            raise UsageError(f"--modalities: {e}") from None
+    _check_model_folder(args.model)
+    data = Path(args.data)
+    if data.suffix not in SUFFIXES:
+        got = repr(data.suffix) if data.suffix else "no suffix"
+        raise UsageError(f"--data {args.data}: calibration data must be a {' or '.join(SUFFIXES)} file, got {got}")
+    if not data.is_file():
+        raise UsageError(f"--data {args.data}: no such file")
+    out_dir = Path(args.out).parent
+    if not out_dir.is_dir():
+        raise UsageError(f"--out {args.out}: folder {out_dir} does not exist")
 
 
 def _calibrate(args) -> int:
@@ -33,6 +91,7 @@ def _calibrate(args) -> int:
     from modes_fx.calib.files import load_data
     from modes_fx.modality import COLUMN_NAMES
 
+    _check_calibrate_args(args)
     model = _load_model(args.model, args.experts_implementation)
     grid = GridSpec(points=args.points, mapping=args.mapping)
     if args.tau_max is not None:
@@ -50,6 +109,8 @@ def _calibrate(args) -> int:
 def _schedule_show(args) -> int:
     from modes_fx.schedule import Schedule
 
+    if not Path(args.file).is_file():
+        raise UsageError(f"{args.file}: no such file")
     print(Schedule.load(args.file))
     return 0
 
@@ -68,6 +129,7 @@ def _bench_accuracy(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modes", description="MoDES dynamic expert skipping for MoE (multimodal) LLMs")
+    p.add_argument("-v", "--verbose", action="store_true", help="more output; tracebacks for input errors too")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="calibrate, compile and evaluate MoDES at 88%% skip on the embedded digits VLM")
     d.add_argument("--quick", action="store_true", help="subsets of the splits, eager inner compiler (for tests)")
@@ -84,7 +146,12 @@ def parser() -> argparse.ArgumentParser:
         help="schedule columns, e.g. text image video audio (default: text, plus vision / audio when the data has them)",
     )
     c.add_argument("--points", type=int, default=100, help="grid points per modality (D)")
-    c.add_argument("--mapping", choices=["exp", "linear"], default="exp", help="τ grid mapping (paper: exp)")
+    c.add_argument(
+        "--mapping", choices=["scores", "exp", "linear"], default="scores",
+        help="τ grid: scores (default) follows the data's scores α·π up to skipping every pair, so any target is "
+             "reachable; exp is the paper's grid (x_max 0.71 text, 0.6 visual: too narrow for models with few MoE "
+             "layers); linear spans the paper's range evenly",
+    )
     c.add_argument("--tau-max", type=float, default=None, help="use a linear grid [0, TAU_MAX] for every modality")
     c.add_argument("--cache-dir", default=".modes-cache", help="resumable cache folder")
     c.add_argument("--inner", choices=["inductor", "eager"], default="eager", help="inner compiler for calibration passes")
@@ -110,7 +177,27 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    return args.run(args)
+    try:
+        with quiet_third_party(args.verbose):  # torchao / Dynamo / transformers chatter only with -v
+            return args.run(args)
+    except (UsageError, ValueError) as e:  # bad input: the library's ValueErrors name the problem
+        if args.verbose:
+            traceback.print_exc()
+        _fail(e)
+
+
+def _fail(error: BaseException) -> None:
+    """Print ``modes: error: <message>`` (its first line only when it is long) and exit 2."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    if len(lines) > _MAX_ERROR_LINES:
+        lines = [lines[0]]
+    print(f"modes: error: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr)
+    raise SystemExit(USAGE_ERROR)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 if __name__ == "__main__":

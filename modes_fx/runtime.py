@@ -63,6 +63,7 @@ class AttachedState:
     hook_handles: list = field(default_factory=list)
     forwards: int = 0  # completed forwards of the attached model
     bypassed_forwards: int = 0  # forwards in which some MoE site ran dense (see modes_fx.fallback)
+    dense_on_purpose: int = 0  # depth of ``attach.running_dense`` blocks: dense forwards expected
     _site_calls: int = 0  # modes op calls during the current forward
     _warned: bool = False
     _device_thresholds: dict = field(default_factory=dict)
@@ -143,7 +144,8 @@ class AttachedState:
         active ``track()`` blocks how many MoE site calls to expect."""
         self.record_call(input_ids, attention_mask)
         self._site_calls = 0
-        tracking.expect(len(self.sites))
+        if not self.dense_on_purpose:
+            tracking.expect(len(self.sites))
 
     def count_site_call(self) -> None:
         """One MoE site went through the modes op (called by ``modes::route_mask``)."""
@@ -152,7 +154,7 @@ class AttachedState:
     def end_forward(self) -> None:
         """End of a forward: warn (once per attached model) when some MoE site ran dense."""
         self.forwards += 1
-        if self._site_calls >= len(self.sites):
+        if self._site_calls >= len(self.sites) or self.dense_on_purpose:
             return
         self.bypassed_forwards += 1
         if not self._warned:

@@ -145,3 +145,22 @@ def test_compiling_without_attach_warns_that_routers_stay_dense():
     finally:
         model._compiled_call_impl = None
         torch._dynamo.reset()
+
+
+def test_running_dense_on_purpose_neither_warns_nor_is_expected():
+    model = build("qwen3_moe")
+    modes_fx.attach(model, modes_fx.Schedule.constant(model, tau={}))
+    try:
+        with modes_fx.track() as stats, warnings.catch_warnings():
+            warnings.simplefilter("error", modes_fx.ModesFallbackWarning)
+            with modes_fx.running_dense(model):
+                _run(model, "forward", text_inputs(model))
+        assert stats.complete and stats.expected_calls == 0
+        assert runtime.state_of(model).bypassed_forwards == 0
+        with pytest.warns(modes_fx.ModesFallbackWarning):  # outside the block it is reported again
+            _run(model, "forward", text_inputs(model))
+    finally:
+        modes_fx.detach(model)
+    with pytest.raises(ValueError, match="no schedule is attached"):
+        with modes_fx.running_dense(model):
+            pass
