@@ -31,6 +31,7 @@ timed call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -130,6 +131,14 @@ class Runner:
             "dense": torch.compile(model._call_impl, backend=cfg.compiler),
             "modes": torch.compile(model._call_impl, backend="modes", options={"inner": cfg.compiler}),
         }
+        self._dense = contextlib.ExitStack()  # the eager / dense variants run dense on purpose
+
+    def close(self) -> None:
+        """Leave the dense baseline and detach the schedule from the model."""
+        import modes_fx
+
+        self._dense.close()
+        modes_fx.detach(self.model)
 
     def check_every_site_rewritten(self) -> None:
         """Raise if a graph the modes backend compiled left an MoE site of the model unrewritten."""
@@ -140,7 +149,14 @@ class Runner:
                 raise RuntimeError(f"modes rewrote {len(graph.rewrites)} of {len(self.state.sites)} MoE sites in graph {graph.index}")
 
     def use(self, impl: str, threshold: float = 0.0) -> None:
-        """Select the compiled callable and set every site's threshold (score units) to one value."""
+        """Select the compiled callable and set every site's threshold (score units) to one value.
+        The eager and dense variants are baselines that run the attached model dense on purpose
+        (``modes_fx.running_dense``)."""
+        import modes_fx
+
+        self._dense.close()
+        if impl != "modes":
+            self._dense.enter_context(modes_fx.running_dense(self.model))
         self.model._compiled_call_impl = self.impls[impl]
         table = torch.full_like(self.state.thresholds, threshold)
         table[:, 0] = -torch.inf
@@ -324,15 +340,13 @@ def run(cfg: BenchConfig, out_dir: Path, precision: str = "fp32", echo=print) ->
 def run_fp32(cfg: BenchConfig, echo) -> dict:
     """The fp32 rows: eager, dense (the baseline), modes tau=0 and modes at :data:`SKIP_TARGETS`;
     returns ``experts_share`` and ``variants`` (table rows)."""
-    import modes_fx
-
     torch._dynamo.reset()
     model = build_model(cfg)
     runner = Runner(model, cfg)
     variants = [Variant("eager", "eager"), Variant("dense", "dense"), Variant("modes tau=0", "modes")]
     with torch.no_grad():
         variants, share = measure(runner, variants, SKIP_TARGETS, "modes", echo)
-    modes_fx.detach(model)
+    runner.close()
     return {"experts_share": share, "variants": _rows(variants, "dense", share)}
 
 
@@ -343,7 +357,6 @@ def run_w4a16(cfg: BenchConfig, echo) -> dict:
     and ``w4a16 skip=88%``. Also measures the weight memory (MiB) of the fp32, bf16 and W4A16
     models and the W4A16 logits' relative error ‖W4A16 − bf16‖ / ‖bf16‖ on the benchmark prompt
     (eager, every position)."""
-    import modes_fx
     from modes_fx.quantize import model_weight_bytes, quantize_experts
 
     torch._dynamo.reset()  # fresh automatic-dynamic state: these graphs compile as the fp32 ones did
@@ -361,7 +374,7 @@ def run_w4a16(cfg: BenchConfig, echo) -> dict:
     variants = [Variant("w4a16 dense", "dense"), Variant("w4a16 tau=0", "modes")]
     with torch.no_grad():
         variants, share = measure(runner, variants, (W4A16_SKIP,), "w4a16", echo, op="modes::masked_experts_int4")
-    modes_fx.detach(model)
+    runner.close()
     return {
         "group_size": report.group_size,
         "experts_share": share,

@@ -152,7 +152,7 @@ def run(quick: bool = False, inner: str = "eager", echo=print) -> DemoResult:
         model._compiled_call_impl = None
         modes_fx.detach(model)
 
-    echo(f"\n| | accuracy | retention | skipped pairs |\n|---|---|---|---|")
+    echo("\n| | accuracy | retention | skipped pairs |\n|---|---|---|---|")
     echo(f"| dense | {100 * dense.overall:.2f}% | 100% | 0 |")
     echo(f"| top-1 routing (top_k at 88%) | {100 * top1_acc.overall:.2f}% | {100 * top1_acc.overall / dense.overall:.2f}% | {top1.skip:.3f} (calibration) |")
     echo(f"| MoDES | {100 * skipped.overall:.2f}% | {100 * skipped.overall / dense.overall:.2f}% | {stats.skip_ratio:.3f} "
