@@ -15,7 +15,6 @@ import torch
 from tqdm.auto import tqdm
 
 from modes_fx.schedule import Schedule
-from modes_fx.sites import model_fingerprint
 
 from .cache import DiskCache, config_fingerprint, weights_fingerprint
 from .data import CalibrationBatch, fingerprint, prepare
@@ -68,22 +67,24 @@ def _check_target(target_skip: float) -> None:
         raise ValueError(f"target_skip must be in (0, 1) exclusive, got {target_skip!r}")
 
 
-def _cache(cache_dir, model, batches: list[CalibrationBatch], modalities, grid: GridSpec, inner: str, mode: str) -> DiskCache | None:
+def _cache(cache_dir, session: CalibrationSession, grid: GridSpec, inner: str, mode: str) -> DiskCache | None:
     """The resumable cache, keyed by everything its entries depend on: every weight and buffer
-    (bytes, dtype, shape, tensor type: quantized weights differ), the architecture and config,
-    the data, the columns, the grid, the search mode, the method, the inner compiler and the
-    library version. The target skip is not in the key: the cache holds per-(layer, column)
+    (bytes, dtype, shape, tensor type: quantized weights differ), the architecture (the
+    ``model_fingerprint`` the session's base schedule holds, so the routers are not probed again)
+    and config, the data, the columns, the grid, the search mode, the method, the inner compiler
+    and the library version. The target skip is not in the key: the cache holds per-(layer, column)
     ablation KLs (importance.py: ``session.measure_table(session.ablation_table(l, m)).kl``) and
     per-τ (KL, skip) measurements (frontier.py: ``_Lookup`` stores ``evaluate(taus)``, a pass
     with α and τ only); the target only chooses among them (``_best``, ``_reachable``), so any
     target may reuse them (tested in tests/test_calibration_cache.py)."""
     if cache_dir is None:
         return None
+    model, modalities = session.model, session.modalities
     key = {
         "weights": weights_fingerprint(model),
-        "architecture": model_fingerprint(model)["architecture"],
+        "architecture": session.base.fingerprint["architecture"],
         "config": config_fingerprint(model),
-        "data": fingerprint(batches),
+        "data": fingerprint(session.batches),
         "modalities": modalities,
         "grid": asdict(grid),
         "search": search_mode(mode, len(modalities)),
@@ -122,9 +123,9 @@ def calibrate(
     check_token_ids(model, batches)  # before the cache fingerprints the weights
     modalities = modalities or default_modalities(model, batches)
     fixed = None if grid.mapping == "scores" else [grid.grid(column) for column in modalities]
-    cache = _cache(cache_dir, model, batches, modalities, grid, inner, mode)
-    sections = (cache.section("importance"), cache.section("frontier")) if cache else (None, None)
     session = CalibrationSession(model, batches, modalities, inner)
+    cache = _cache(cache_dir, session, grid, inner, mode)
+    sections = (cache.section("importance"), cache.section("frontier")) if cache else (None, None)
     observed = session.reference_observer = RoutingScores(session.num_sites, len(modalities)) if fixed is None else None
     with session:
         alpha = normalise(importance_kls(session, sections[0], progress), modalities)

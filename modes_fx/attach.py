@@ -30,12 +30,13 @@ def attach(model: torch.nn.Module, schedule: Schedule | str | os.PathLike) -> to
     While a model is attached, Dynamo's recompile limit is at least ``runtime.RECOMPILE_LIMIT``
     (varied serving shapes recompile transformers' shared wrapper frames; past the limit a
     frame would run dense). Attaching again replaces the previous schedule (idempotent).
-    Returns ``model``.
+    The MoE sites are found once (each router probed once, by ``schedule.check_model``) and
+    handed to the attached state. Returns ``model``.
     """
     schedule = as_schedule(schedule)
-    schedule.check_model(model)
+    sites = schedule.check_model(model)
     detach(model)
-    state = runtime.AttachedState.create(model, schedule)
+    state = runtime.AttachedState.create(model, schedule, sites)
 
     @torch.compiler.disable
     def begin_forward(module, args, kwargs):

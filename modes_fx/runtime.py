@@ -19,7 +19,7 @@ from modes_fx import fallback, tracking
 from modes_fx.kernels.reference import RULES, keep_mask
 from modes_fx.modality import UNMAPPED, check_input_ids, kind_to_column, special_token_ids, text_vocab_size, token_modality_ids
 from modes_fx.schedule import Schedule
-from modes_fx.sites import MoESite, find_moe_sites, site_parameters
+from modes_fx.sites import MoESite, known_sites, site_parameters
 
 PARAM_ROLES = ("router_weight", "gate_up_proj", "down_proj")
 # Dynamo's per-frame recompile limit while a model is attached (Dynamo's default is 8). Serving
@@ -74,11 +74,13 @@ class AttachedState:
         return f"AttachedState({self.schedule.model_class}, {len(self.sites)} sites, modalities={self.schedule.modalities})"
 
     @classmethod
-    def create(cls, model: torch.nn.Module, schedule: Schedule) -> "AttachedState":
+    def create(cls, model: torch.nn.Module, schedule: Schedule, sites: list[MoESite] | None = None) -> "AttachedState":
+        """The state of ``model`` attached to ``schedule``; ``sites``: see ``sites.known_sites``
+        (``attach`` passes those ``schedule.check_model`` returned)."""
         return cls(
             model_ref=weakref.ref(model),
             schedule=schedule,
-            sites=find_moe_sites(model),
+            sites=known_sites(model, sites),
             kind_token_ids=special_token_ids(model.config),
             kind_ids=kind_to_column(schedule.modalities),
             thresholds=schedule.thresholds(),

@@ -135,7 +135,7 @@ class Schedule:
             top_k=_common(sites, "top_k"),
             num_experts=_common(sites, "num_experts"),
             model_class=type(model).__name__,
-            fingerprint=model_fingerprint(model),
+            fingerprint=model_fingerprint(model, sites),
             calibration={"method": "constant"},
         )
 
@@ -237,10 +237,13 @@ class Schedule:
         except (TypeError, ValueError) as e:
             raise ValueError(f"calibration must be a JSON-serialisable dict without NaN/inf: {e}") from None
 
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_model(self, model: torch.nn.Module) -> list[MoESite]:
         """Raise ValueError naming the first difference between the schedule and ``model``'s MoE
         sites (model class, site count, paths, top_k, num_experts, architecture fingerprint);
-        warn when only the router weights differ from those the schedule was calibrated on."""
+        warn when only the router weights differ from those the schedule was calibrated on.
+
+        Returns the model's MoE sites (``find_moe_sites``; each router probed once here), so
+        that ``attach`` does not probe them again."""
         sites = _sites_or_raise(model)
         name = type(model).__name__
         if name != self.model_class:
@@ -250,8 +253,8 @@ class Schedule:
         for site, path in zip(sites, self.site_paths):
             self._check_site(site, path)
         if not self.fingerprint:
-            return
-        found = model_fingerprint(model)
+            return sites
+        found = model_fingerprint(model, sites)
         if self.fingerprint.get("architecture") != found["architecture"]:
             raise ValueError(
                 "architecture fingerprint differs: the model's MoE sites have other router or experts "
@@ -263,6 +266,7 @@ class Schedule:
                 "α and τ may not fit this model",
                 stacklevel=2,
             )
+        return sites
 
     def _check_site(self, site: MoESite, path: str) -> None:
         if site.path != path:
@@ -420,9 +424,11 @@ def _check_list(name: str, value) -> None:
 
 
 def _sites_or_raise(model: torch.nn.Module) -> list[MoESite]:
+    """The model's MoE sites, each router probed once; raises for broken router weights, an
+    unsupported model or one without MoE sites."""
     check_router_weights(model)  # before probing: a NaN router would read as an unknown formula
-    check_supported(model)
     sites = find_moe_sites(model)
+    check_supported(model, sites)
     if not sites:
         raise ValueError(f"{type(model).__name__} has no MoE sites (no experts module with a router found)")
     return sites

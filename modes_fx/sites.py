@@ -67,6 +67,14 @@ def find_moe_sites(model: torch.nn.Module) -> list[MoESite]:
     ]
 
 
+def known_sites(model: torch.nn.Module, sites: list[MoESite] | None) -> list[MoESite]:
+    """``sites`` when a caller already found them (``find_moe_sites(model)``, e.g. as
+    ``Schedule.check_model`` returns them: the routers are not probed again), else
+    ``find_moe_sites(model)``. The optional ``sites`` argument of ``unsupported_moe_blocks``,
+    ``check_supported``, ``model_fingerprint`` and ``runtime.AttachedState.create``."""
+    return find_moe_sites(model) if sites is None else sites
+
+
 def check_router_weights(model: torch.nn.Module) -> None:
     """Raise ValueError naming the first MoE site whose router weight holds NaN or ±inf.
 
@@ -132,22 +140,25 @@ _UNKNOWN_ROUTER = (
 )
 
 
-def unsupported_moe_blocks(model: torch.nn.Module) -> list[UnsupportedBlock]:
+def unsupported_moe_blocks(model: torch.nn.Module, sites: list[MoESite] | None = None) -> list[UnsupportedBlock]:
     """MoE blocks of ``model`` that modes-fx will not rewrite, in module order: blocks of a
-    refused family (``REFUSED_BLOCKS``) and, outside those, sites whose router is "unknown"."""
+    refused family (``REFUSED_BLOCKS``) and, outside those, sites whose router is "unknown".
+    ``sites``: see ``known_sites``."""
+    sites = known_sites(model, sites)
     refused = [UnsupportedBlock(path, REFUSED_BLOCKS[type(m).__name__]) for path, m in model.named_modules() if type(m).__name__ in REFUSED_BLOCKS]
     inside = tuple(f"{b.path}." for b in refused)
     unknown = [
         UnsupportedBlock(site.path, _UNKNOWN_ROUTER.format(router=site.router_path))
-        for site in find_moe_sites(model)
+        for site in sites
         if site.router_kind == "unknown" and not site.path.startswith(inside)
     ]
     return refused + unknown
 
 
-def check_supported(model: torch.nn.Module) -> None:
-    """Raise UnsupportedModelError listing every MoE block of ``model`` modes-fx will not rewrite."""
-    blocks = unsupported_moe_blocks(model)
+def check_supported(model: torch.nn.Module, sites: list[MoESite] | None = None) -> None:
+    """Raise UnsupportedModelError listing every MoE block of ``model`` modes-fx will not rewrite
+    (``sites``: see ``known_sites``)."""
+    blocks = unsupported_moe_blocks(model, sites)
     if blocks:
         listed = "\n".join(f"  {b.path}: {b.reason}" for b in blocks)
         raise UnsupportedModelError(f"{type(model).__name__} is not supported by modes-fx; nothing was attached:\n{listed}")
@@ -167,14 +178,15 @@ def site_parameters(model: torch.nn.Module, site: MoESite) -> dict[str, torch.nn
     return params
 
 
-def model_fingerprint(model: torch.nn.Module) -> dict[str, str]:
+def model_fingerprint(model: torch.nn.Module, sites: list[MoESite] | None = None) -> dict[str, str]:
     """Fingerprints that tell whether a schedule was made for this model.
 
     ``architecture``: sha256 hex of the model class name and every site's (path, top_k,
     num_experts, router weight shape, gate_up_proj shape, down_proj shape).
     ``weights``: sha256 hex of the bytes of every router weight, in site order (routers are small:
-    E × H each). Raises for a model whose router weights are on the meta device."""
-    sites = find_moe_sites(model)
+    E × H each). Raises for a model whose router weights are on the meta device.
+    ``sites``: see ``known_sites``."""
+    sites = known_sites(model, sites)
     described = [type(model).__name__]
     weights = hashlib.sha256()
     for site in sites:

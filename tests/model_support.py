@@ -99,13 +99,14 @@ def row(key: str, node_ids: list[str]) -> list[str]:
     from modes_fx.sites import find_moe_sites, unsupported_moe_blocks
 
     model = build_model(key)
-    kinds = sorted({s.router_kind for s in find_moe_sites(model)}) or ["none (no transformers experts module)"]
+    sites = find_moe_sites(model)
+    kinds = sorted({s.router_kind for s in sites}) or ["none (no transformers experts module)"]
     declared = special_token_ids(model.config)
     modalities = ["text"] + [k for k in TOKEN_KINDS if k in declared]
     mine = [(n.split("::")[1].split("[")[0], _params(n)) for n in node_ids if key in _params(n)]
     dispatch = [i for i in IMPLEMENTATIONS if any(TAU_ZERO in CHECKS.get(f, ()) and i in p for f, p in mine)]
     checks = list(dict.fromkeys(label for f, _ in mine for label in CHECKS.get(f, ())))
-    status = "refused at attach" if unsupported_moe_blocks(model) else "rewritten" if dispatch else "left untouched (listed in the report)"
+    status = "refused at attach" if unsupported_moe_blocks(model, sites) else "rewritten" if dispatch else "left untouched (listed in the report)"
     return [
         FAMILIES[key], f"`{type(model).__name__}`", ", ".join(kinds), ", ".join(dispatch) or "—",
         ", ".join(modalities), status, "; ".join(checks) or "—",
