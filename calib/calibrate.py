@@ -23,7 +23,7 @@ from .grids import MAPPINGS, PAPER_POINTS, PAPER_X_MAX, score_grid, tau_grid, to
 from .importance import importance_kls, normalise
 from .measure import Measurement
 from .scores import RoutingScores
-from .session import CalibrationSession, check_token_ids, default_modalities
+from .session import CalibrationSession, default_modalities
 
 
 @dataclass
@@ -120,7 +120,6 @@ def calibrate(
     _check_target(target_skip)
     grid = grid or GridSpec()
     batches = prepare(data)
-    check_token_ids(model, batches)  # before the cache fingerprints the weights
     modalities = modalities or default_modalities(model, batches)
     fixed = None if grid.mapping == "scores" else [grid.grid(column) for column in modalities]
     session = CalibrationSession(model, batches, modalities, inner)
