@@ -61,6 +61,7 @@ class AttachedState:
     rule: str = "pi"
     modality_ids: torch.Tensor | None = None
     hook_handles: list = field(default_factory=list)
+    finalizer: weakref.finalize | None = None  # forgets this state when the model is collected
     forwards: int = 0  # completed forwards of the attached model
     bypassed_forwards: int = 0  # forwards in which some MoE site ran dense (see modes_fx.fallback)
     dense_on_purpose: int = 0  # depth of ``attach.running_dense`` blocks: dense forwards expected
@@ -202,25 +203,23 @@ def weight_key(tensor: torch.Tensor) -> int:
 
 _STATES: list[AttachedState] = []
 _ROLES: dict[int, ParamRole] = {}
-_FINALIZERS: dict[int, weakref.finalize] = {}  # id(state) → finalizer of its model
 _SAVED_RECOMPILE_LIMIT: list[int] = []  # Dynamo's limit before the first attach raised it
 
 
 def register(state: AttachedState, model: torch.nn.Module) -> None:
     """Make ``state`` (attached to ``model``) known to the ops; the entry dies with ``model``."""
     _STATES.append(state)
-    _FINALIZERS[id(state)] = weakref.finalize(model, _forget, state)
+    state.finalizer = weakref.finalize(model, _forget, state)
     _raise_recompile_limit()
     _refresh()
 
 
 def unregister(state: AttachedState) -> None:
-    _FINALIZERS.pop(id(state)).detach()
+    state.finalizer.detach()
     _forget(state)
 
 
 def _forget(state: AttachedState) -> None:
-    _FINALIZERS.pop(id(state), None)
     if state in _STATES:
         _STATES.remove(state)
     if not _STATES:
