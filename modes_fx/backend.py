@@ -1,8 +1,9 @@
 """The ``modes`` Dynamo backend: ``torch.compile(model, backend="modes")``.
 
-Runs the passes on each graph Dynamo hands over, then the inner compiler (inductor by default,
-``options={"inner": "eager"}`` for debugging). Registered through the ``torch_dynamo_backends``
-entry point, so ``backend="modes"`` resolves without importing modes_fx first.
+Runs the passes on each graph Dynamo hands over (on one copy of it, matched once for all the
+passes), then the inner compiler (inductor by default, ``options={"inner": "eager"}`` for
+debugging). Registered through the ``torch_dynamo_backends`` entry point, so
+``backend="modes"`` resolves without importing modes_fx first.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from torch import fx
 
 from modes_fx import fallback, runtime
+from modes_fx.passes.graph_edit import copy_graph_module, recompiled
 from modes_fx.passes.match_moe_sites import match_moe_sites
 from modes_fx.passes.rewrite_masked_dispatch import RewriteMaskedDispatch
 from modes_fx.passes.rewrite_sentinel_routing import RewriteSentinelRouting
@@ -36,16 +38,21 @@ def reset_report() -> None:
     fallback.reset()
 
 
+def placeholder_roles(graph: fx.Graph, example_inputs: Sequence) -> dict[fx.Node, runtime.ParamRole]:
+    """The attached site weight each placeholder of ``graph`` receives: the example input at its
+    position among the placeholders, identified by storage."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    roles = runtime.roles_of(example_inputs)
+    return {node: role for node, role in zip(placeholders, roles) if role is not None}
+
+
 def resolver_for(example_inputs: Sequence) -> Callable[[fx.Node], runtime.ParamRole | None]:
-    """Map a placeholder (of the graph or of any copy of it) to the attached site weight it
-    receives, by its position among the placeholders and the example input's storage."""
+    """For running a pass on its own (``p(gm)``, which matches a copy of its own): map a
+    placeholder of the graph or of any copy of it to its attached site weight, by position,
+    on every lookup. The backend builds ``placeholder_roles`` once instead."""
 
     def resolve(node: fx.Node) -> runtime.ParamRole | None:
-        if node.op != "placeholder":
-            return None
-        position = [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
-        value = example_inputs[position]
-        return runtime.role_of(value) if isinstance(value, torch.Tensor) else None
+        return placeholder_roles(node.graph, example_inputs).get(node) if node.op == "placeholder" else None
 
     return resolve
 
@@ -118,14 +125,7 @@ def modes_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | 
 
         _attach_from_options(as_schedule(options["schedule"]), example_inputs)
     report = GraphReport(index=len(_REPORT.graphs), num_nodes=len(gm.graph.nodes), inner=inner)
-    report.unsupported += match_moe_sites(gm.graph).unsupported  # routing the passes cannot take
-    resolve = resolver_for(example_inputs)
-    current = gm
-    for pass_cls in PASSES:
-        p = pass_cls(resolve)
-        current = p(current).graph_module
-        report.rewrites += p.rewrites
-        report.unsupported += p.unsupported
+    current = _rewritten(gm, example_inputs, report)
     _REPORT.graphs.append(report)
     for line in report.lines():
         log.info(line)
@@ -134,3 +134,18 @@ def modes_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | 
         return _inner_compile(gm, example_inputs, inner, mode)
     with torch.no_grad():
         return _inference_only(_inner_compile(current, example_inputs, inner, mode))
+
+
+def _rewritten(gm: fx.GraphModule, example_inputs: Sequence, report: GraphReport) -> fx.GraphModule:
+    """``gm`` with its MoE sites rewritten by every pass, recorded in ``report``; ``gm`` itself
+    when nothing was rewritten. One copy, matched once: each pass rewrites, in that copy, the
+    matched sites of its consumer kind; ``gm`` (Dynamo's) is never mutated."""
+    copy = copy_graph_module(gm)
+    matches = match_moe_sites(copy.graph)
+    report.unsupported += matches.unsupported  # routing the passes cannot take
+    roles = placeholder_roles(copy.graph, example_inputs) if matches.sites else {}
+    for pass_cls in PASSES:
+        rewrites, unsupported = pass_cls(roles.get).apply(copy.graph, matches)
+        report.rewrites += rewrites
+        report.unsupported += unsupported
+    return recompiled(copy) if report.rewrites else gm

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -252,13 +252,22 @@ def role_of(tensor: torch.Tensor) -> ParamRole | None:
     """The attached site and role of a weight tensor, or None when no attached model owns it.
 
     Re-reads the attached models once on a miss, since ``model.to(...)`` moves weights."""
-    if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-        return None
-    ptr = weight_key(tensor)
-    found = _ROLES.get(ptr)
-    if found is None or not _current(found, ptr):
+    return roles_of([tensor])[0]
+
+
+def roles_of(values: Sequence) -> list[ParamRole | None]:
+    """``role_of`` of each value (None for what is not a tensor), re-reading the attached models
+    at most once for all of them."""
+    keys = [weight_key(v) if isinstance(v, torch.Tensor) and v.device.type != "meta" else None for v in values]
+
+    def lookup(ptr: int | None) -> ParamRole | None:
+        found = _ROLES.get(ptr) if ptr is not None else None
+        return found if found is not None and _current(found, ptr) else None
+
+    found = [lookup(k) for k in keys]
+    if any(f is None and k is not None for f, k in zip(found, keys)):
         _refresh()
-        found = _ROLES.get(ptr)
+        found = [lookup(k) for k in keys]
     return found
 
 

@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_map
 from modes_fx.runtime import ParamRole
 from modes_fx.sites import MoESite
 
-from .match_moe_sites import ExpertsRegion, Routing, SiteMatch, Unsupported, match_moe_sites
+from .match_moe_sites import ExpertsRegion, Matches, Routing, SiteMatch, Unsupported, match_moe_sites
 
 Resolver = Callable[[fx.Node], ParamRole | None]
 _CARRIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node", "seq_nr")
@@ -93,10 +93,20 @@ def resolve_site(resolve: Resolver, routing: Routing, region: ExpertsRegion | No
     return site
 
 
+def recompiled(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` once its graph has been edited in place: checked, and its code regenerated."""
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 class SiteRewritePass(PassBase):
     """Base of the passes that rewrite one kind of matched MoE site (``consumer``).
 
-    Never mutates the GraphModule it is given. After ``call``, ``rewrites`` and ``unsupported``
+    Two ways in: ``apply`` rewrites, in place, the sites of one ``match_moe_sites`` result that
+    this pass takes (the backend matches and copies each graph once for all its passes);
+    ``call`` (PassBase, ``p(gm)``) stands alone: it copies the graph, matches it and applies,
+    and never mutates the GraphModule it is given. Afterwards ``rewrites`` and ``unsupported``
     say what was done and what was left alone, and why."""
 
     consumer: str = ""
@@ -107,18 +117,22 @@ class SiteRewritePass(PassBase):
         self.rewrites: list[Rewrite] = []
         self.unsupported: list[Unsupported] = []
 
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
+    def apply(self, graph: fx.Graph, matches: Matches) -> tuple[list[Rewrite], list[Unsupported]]:
+        """Rewrite in ``graph`` each site of ``matches`` (matched on ``graph`` itself) whose
+        consumer this pass takes; the caller lints and recompiles. Returns (rewrites, unsupported)."""
         self.rewrites, self.unsupported = [], []
-        gm = copy_graph_module(graph_module)
-        for match in match_moe_sites(gm.graph).sites:
+        for match in matches.sites:
             if match.consumer == self.consumer:
-                outcome = self.rewrite(gm.graph, match)
+                outcome = self.rewrite(graph, match)
                 (self.rewrites if isinstance(outcome, Rewrite) else self.unsupported).append(outcome)
+        return self.rewrites, self.unsupported
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = copy_graph_module(graph_module)
+        self.apply(gm.graph, match_moe_sites(gm.graph))
         if not self.rewrites:
             return PassResult(graph_module, False)
-        gm.graph.lint()
-        gm.recompile()
-        return PassResult(gm, True)
+        return PassResult(recompiled(gm), True)
 
     def rewrite(self, graph: fx.Graph, match: SiteMatch) -> Rewrite | Unsupported:
         raise NotImplementedError
