@@ -251,24 +251,36 @@ def _refresh() -> None:
 def role_of(tensor: torch.Tensor) -> ParamRole | None:
     """The attached site and role of a weight tensor, or None when no attached model owns it.
 
-    Re-reads the attached models once on a miss, since ``model.to(...)`` moves weights."""
-    return roles_of([tensor])[0]
+    Re-reads the attached models once on a miss, since ``model.to(...)`` moves weights. Called
+    by ``modes::route_mask`` for every MoE site call, so it stays a plain dictionary lookup."""
+    ptr = _key(tensor)
+    found = _lookup(ptr)
+    if found is None and ptr is not None:
+        _refresh()
+        found = _lookup(ptr)
+    return found
 
 
 def roles_of(values: Sequence) -> list[ParamRole | None]:
     """``role_of`` of each value (None for what is not a tensor), re-reading the attached models
     at most once for all of them."""
-    keys = [weight_key(v) if isinstance(v, torch.Tensor) and v.device.type != "meta" else None for v in values]
-
-    def lookup(ptr: int | None) -> ParamRole | None:
-        found = _ROLES.get(ptr) if ptr is not None else None
-        return found if found is not None and _current(found, ptr) else None
-
-    found = [lookup(k) for k in keys]
+    keys = [_key(v) for v in values]
+    found = [_lookup(k) for k in keys]
     if any(f is None and k is not None for f, k in zip(found, keys)):
         _refresh()
-        found = [lookup(k) for k in keys]
+        found = [_lookup(k) for k in keys]
     return found
+
+
+def _key(value) -> int | None:
+    """The registry key of a tensor (``weight_key``); None for anything else and meta tensors."""
+    return weight_key(value) if isinstance(value, torch.Tensor) and value.device.type != "meta" else None
+
+
+def _lookup(ptr: int | None) -> ParamRole | None:
+    """The registered role at ``ptr`` when its parameter is alive and still stored there."""
+    found = _ROLES.get(ptr) if ptr is not None else None
+    return found if found is not None and _current(found, ptr) else None
 
 
 def _current(role: ParamRole, ptr: int) -> bool:

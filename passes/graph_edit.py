@@ -6,7 +6,6 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
