@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from modes_fx.schedule import Schedule
 
 from .cache import DiskCache, config_fingerprint, weights_fingerprint
-from .data import CalibrationBatch, fingerprint, prepare
+from .data import fingerprint, prepare
 from .frontier import FrontierResult, frontier_search, search_mode
 from .grids import MAPPINGS, PAPER_POINTS, PAPER_X_MAX, score_grid, tau_grid, top_tau
 from .importance import importance_kls, normalise
