@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
 import torch
 
 from modes_fx import runtime
-from modes_fx.schedule import Schedule
+from modes_fx.schedule import HOW_TO_MAKE, SCHEDULE_FILE, Schedule
+
+log = logging.getLogger("modes_fx")
 
 
 def as_schedule(schedule: Schedule | str | os.PathLike) -> Schedule:
@@ -20,8 +23,30 @@ def as_schedule(schedule: Schedule | str | os.PathLike) -> Schedule:
     raise TypeError(f"schedule must be a modes_fx.Schedule or a path to one, got {type(schedule).__name__}")
 
 
-def attach(model: torch.nn.Module, schedule: Schedule | str | os.PathLike) -> torch.nn.Module:
+def schedule_beside(model: torch.nn.Module) -> Schedule:
+    """The schedule saved (``Schedule.save_pretrained``) in the folder ``model`` was loaded from
+    (transformers' ``config._name_or_path``), logged at INFO on the "modes_fx" logger with its
+    path (also its ``source``). ValueError when the model was not loaded from a local folder
+    or the folder has no SCHEDULE_FILE, naming the folder and how to make one."""
+    config = getattr(model, "config", None)
+    folder = getattr(config, "_name_or_path", "") or ""
+    if not folder or not os.path.isdir(folder):
+        where = f"from {folder!r}, which is not a local folder" if folder else "from no folder (config._name_or_path is empty)"
+        raise ValueError(
+            f"attach(model) without a schedule reads {SCHEDULE_FILE} in the folder the model was loaded "
+            f"from, but this {type(model).__name__} was loaded {where}; pass a schedule, or {HOW_TO_MAKE}"
+        )
+    schedule = Schedule.from_pretrained(folder)
+    log.info("attach: using the schedule %s", schedule.source)
+    return schedule
+
+
+def attach(model: torch.nn.Module, schedule: Schedule | str | os.PathLike | None = None) -> torch.nn.Module:
     """Validate ``schedule`` against ``model`` and install what ``backend="modes"`` needs.
+
+    Without ``schedule``, the one saved in the folder the model was loaded from
+    (``schedule_beside``: ``Schedule.save_pretrained`` writes it there) is used; its ``source``
+    says which file.
 
     Records which parameters belong to which MoE site (until ``detach`` or until the model is
     garbage-collected), adds a forward pre-hook that computes every token's modality id from
@@ -33,7 +58,7 @@ def attach(model: torch.nn.Module, schedule: Schedule | str | os.PathLike) -> to
     The MoE sites are found once (each router probed once, by ``schedule.check_model``) and
     handed to the attached state. Returns ``model``.
     """
-    schedule = as_schedule(schedule)
+    schedule = schedule_beside(model) if schedule is None else as_schedule(schedule)
     sites = schedule.check_model(model)
     detach(model)
     state = runtime.AttachedState.create(model, schedule, sites)

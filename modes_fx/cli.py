@@ -81,9 +81,17 @@ def _check_calibrate_args(args) -> None:
         raise UsageError(f"--data {args.data}: calibration data must be a {' or '.join(SUFFIXES)} file, got {got}")
     if not data.is_file():
         raise UsageError(f"--data {args.data}: no such file")
-    out_dir = Path(args.out).parent
+    out_dir = _out_file(args.out).parent
     if not out_dir.is_dir():
         raise UsageError(f"--out {args.out}: folder {out_dir} does not exist")
+
+
+def _out_file(out: str) -> Path:
+    """``--out``: the schedule file, or a folder (the model's) to write SCHEDULE_FILE into."""
+    from modes_fx.schedule import SCHEDULE_FILE
+
+    path = Path(out)
+    return path / SCHEDULE_FILE if path.is_dir() else path
 
 
 def _calibrate(args) -> int:
@@ -100,9 +108,10 @@ def _calibrate(args) -> int:
         model, load_data(args.data), target_skip=args.target_skip, modalities=args.modalities, grid=grid,
         cache_dir=args.cache_dir, inner=args.inner,
     )
-    schedule.save(args.out)
+    out = _out_file(args.out)
+    schedule.save(out)
     print(schedule)
-    print(f"saved {args.out}: KL {schedule.calibration['kl']:.4g} nats/answer token at skip {schedule.measured_skip:.3f}")
+    print(f"saved {out}: KL {schedule.calibration['kl']:.4g} nats/answer token at skip {schedule.measured_skip:.3f}")
     return 0
 
 
@@ -140,7 +149,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="folder loadable by transformers from_pretrained")
     c.add_argument("--data", required=True, help="calibration data: .pt (torch.save list of dicts) or .jsonl")
     c.add_argument("--target-skip", type=float, default=0.88, help="fraction of routed pairs to skip, in (0, 1)")
-    c.add_argument("--out", required=True, help="schedule JSON to write")
+    c.add_argument("--out", required=True, help="schedule JSON to write, or a folder (e.g. the model's) to write modes_schedule.json into")
     c.add_argument(
         "--modalities", nargs="+", default=None, metavar="COLUMN",
         help="schedule columns, e.g. text image video audio (default: text, plus vision / audio when the data has them)",

@@ -5,8 +5,9 @@ m at MoE site l when α[l, m] · π < τ[m], π being the pair's routing weight 
 docs/architecture.md). The baselines of calib/baselines.py are schedules too, with other rules:
 "ratio_to_top1" skips slot j when π_j < β[l, m] · π_top1 (the top-1 slot is never skipped) and
 "rank" keeps the kept_slots[l, m] highest-π slots. A Schedule is made once per model (by
-calibration, or by hand with ``Schedule.constant`` / ``with_rule``), saved as versioned JSON and
-checked against the model it is attached to.
+calibration, or by hand with ``Schedule.constant`` / ``with_rule``), saved as versioned JSON
+(``save``, or ``save_pretrained`` into the model's folder as SCHEDULE_FILE) and checked against the
+model it is attached to.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 
 import torch
 
@@ -27,6 +29,13 @@ from modes_fx.modality import GROUP_COLUMNS, TOKEN_KINDS, check_columns, special
 from modes_fx.sites import MoESite, check_router_weights, check_supported, find_moe_sites, model_fingerprint
 
 FORMAT_VERSION = 2
+SCHEDULE_FILE = "modes_schedule.json"
+"""The schedule's file name in a model folder (beside config.json): ``save_pretrained`` writes it,
+``from_pretrained`` and ``attach(model)`` without a schedule read it."""
+HOW_TO_MAKE = (
+    f"make one with `modes calibrate --model DIR --data ... --out DIR/{SCHEDULE_FILE}` "
+    "or `schedule.save_pretrained(DIR)`"
+)
 READABLE_VERSIONS = (1, 2)  # version 1: no rule field, always "pi"
 _INF = "inf"  # how +inf τ or β is written: JSON has no infinity
 RULE_FIELDS = {"pi": ("alpha", "tau"), "ratio_to_top1": ("beta",), "rank": ("kept_slots",)}
@@ -65,6 +74,9 @@ class Schedule:
         format_version: version of the JSON format; only FORMAT_VERSION is supported.
 
     -0.0 in α, τ or β is stored as 0.0 (so that τ / α never gives -inf).
+
+    ``source`` (not a field: not saved, not compared) is the file ``load`` / ``from_pretrained``
+    read the schedule from, None for a schedule made in memory.
     """
 
     modalities: list[str]
@@ -99,6 +111,7 @@ class Schedule:
             self.kept_slots = [[int(k) for k in row] for row in self.kept_slots]
         self.fingerprint = dict(self.fingerprint)
         self.calibration = dict(self.calibration)
+        self.source: str | None = None
 
     # ------------------------------------------------------------------------------------------
     # Construction
@@ -354,11 +367,35 @@ class Schedule:
         with open(path, encoding="utf-8") as f:
             text = f.read()
         try:
-            return cls.from_dict(json.loads(text))
+            schedule = cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise ValueError(f"{os.fspath(path)}: not valid JSON ({e})") from None
         except (ValueError, TypeError) as e:
             raise ValueError(f"{os.fspath(path)}: invalid schedule: {e}") from None
+        schedule.source = os.fspath(path)
+        return schedule
+
+    def save_pretrained(self, model_dir: str | os.PathLike) -> Path:
+        """Write the schedule into ``model_dir`` (the model's folder, created if missing) as
+        SCHEDULE_FILE, beside config.json, where ``from_pretrained`` and ``attach(model)``
+        without a schedule find it. Returns the file's path."""
+        folder = Path(model_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / SCHEDULE_FILE
+        self.save(path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> Schedule:
+        """The schedule ``save_pretrained`` wrote into ``model_dir`` (``source`` is its path);
+        ValueError names the folder when it or its SCHEDULE_FILE is missing."""
+        folder = Path(model_dir)
+        if not folder.is_dir():
+            raise ValueError(f"no schedule: {os.fspath(model_dir)} is not a folder")
+        path = folder / SCHEDULE_FILE
+        if not path.is_file():
+            raise ValueError(f"no schedule: {folder} has no {SCHEDULE_FILE}; {HOW_TO_MAKE}")
+        return cls.load(path)
 
     # ------------------------------------------------------------------------------------------
     # Display
