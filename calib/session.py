@@ -41,9 +41,6 @@ def check_token_ids(model: torch.nn.Module, batches: list[CalibrationBatch]) -> 
         check_input_ids(batch.inputs["input_ids"], vocab, special, what=f"calibration item {n}: input_ids")
 
 
-RECOMPILE_LIMIT = 64  # Dynamo's per-frame recompile limit while a session is open (default 8)
-
-
 class CalibrationSession:
     """Context manager: attach a τ = 0 schedule, compile ``model`` in place, take the reference
     pass; on exit restore the model's previous compilation and attachment.
@@ -62,10 +59,9 @@ class CalibrationSession:
         self.reference: list[torch.Tensor] = []
 
     def __enter__(self) -> "CalibrationSession":
-        # calibration batches differ in shape and image count; each new combination is a Dynamo
-        # recompilation, and past the limit a frame would run eagerly, i.e. without the modes op
-        self._dynamo_config = torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT))
-        self._dynamo_config.__enter__()
+        # calibration batches differ in shape and image count, each new combination a Dynamo
+        # recompilation: attach raises Dynamo's recompile limit while the model is attached
+        # (runtime.RECOMPILE_LIMIT) and restores it on detach
         previous = runtime.state_of(self.model)
         self._previous_schedule = previous.schedule if previous else None
         self._previous_compiled = self.model._compiled_call_impl
@@ -86,7 +82,6 @@ class CalibrationSession:
         modes_fx.detach(self.model)
         if self._previous_schedule is not None:
             modes_fx.attach(self.model, self._previous_schedule)
-        self._dynamo_config.__exit__(*exc)
 
     @property
     def num_sites(self) -> int:
