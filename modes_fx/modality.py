@@ -100,8 +100,9 @@ def check_input_ids(
     if vocab_size is None or not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
         return
     bad = (input_ids < 0) | (input_ids >= vocab_size)
+    special_ids = [i for i in special_ids if not 0 <= i < vocab_size]  # in-vocabulary ones pass anyway
     if special_ids:
-        bad &= ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device, dtype=input_ids.dtype))
+        bad &= ~torch.isin(input_ids, torch.tensor(special_ids, device=input_ids.device, dtype=input_ids.dtype))
     if not bad.any():
         return
     ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids.reshape(-1, input_ids.shape[-1])
