@@ -5,7 +5,7 @@
 import torch
 
 import modes_fx
-from modes_fx import testing
+from modes_fx.harness import testing
 
 model = testing.build("qwen3_vl_moe", experts_implementation="grouped_mm")   # any HF MoE model works
 inputs = testing.image_inputs(model, batch=1)

@@ -6,7 +6,7 @@ with bf16 activations, calibrate the schedule on the quantized model, deploy it,
 import torch
 
 import modes_fx
-from modes_fx import testing
+from modes_fx.harness import testing
 from modes_fx.calib import GridSpec
 
 # any HF MoE model loaded in bf16 with grouped_mm (or eager) experts, e.g. from_pretrained(..., dtype=torch.bfloat16)

@@ -11,7 +11,6 @@ W4A16 (int4 weights, bf16 activations) before attaching: ``modes_fx.quantize_exp
 """
 from modes_fx.attach import attach, detach, running_dense
 from modes_fx.backend import last_report, reset_report
-from modes_fx.calib import calibrate
 from modes_fx.fallback import ModesFallbackWarning
 from modes_fx.schedule import Schedule
 from modes_fx.tracking import track
@@ -21,7 +20,11 @@ __all__ = ["ModesFallbackWarning", "Schedule", "attach", "calibrate", "detach", 
 
 def __getattr__(name: str):
     if name == "quantize_experts":  # imports torchao, so only when asked for
-        from modes_fx.quantize import quantize_experts
+        from modes_fx.quant.quantize import quantize_experts
 
         return quantize_experts
+    if name == "calibrate":  # the calibration package loads only when asked for
+        from modes_fx.calib import calibrate
+
+        return calibrate
     raise AttributeError(f"module 'modes_fx' has no attribute {name!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,18 +24,24 @@ from modes_fx.report import GraphReport, Report
 
 log = logging.getLogger("modes_fx")
 _REPORT = Report()
+_MODEL_REPORTS: weakref.WeakKeyDictionary[torch.nn.Module, Report] = weakref.WeakKeyDictionary()
 _OPTIONS = ("inner", "schedule")
 PASSES = (RewriteMaskedDispatch, RewriteSentinelRouting)
 
 
-def last_report() -> Report:
-    """What the backend did to every graph it compiled since ``reset_report()``."""
-    return _REPORT
+def last_report(model: torch.nn.Module | None = None) -> Report:
+    """What the backend did to the graphs it compiled since ``reset_report()``: all of them, or
+    with ``model`` those that rewrote a site of that attached model (an empty report when none
+    did). Totals count every graph; details are kept for the newest ``report.KEPT_GRAPHS``."""
+    if model is None:
+        return _REPORT
+    return _MODEL_REPORTS.get(model) or Report()
 
 
 def reset_report() -> None:
-    """Start a new report; untouched MoE routing is warned about again."""
-    _REPORT.graphs.clear()
+    """Start new reports; untouched MoE routing is warned about again."""
+    _REPORT.clear()
+    _MODEL_REPORTS.clear()
     fallback.reset()
 
 
@@ -124,9 +131,11 @@ def modes_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | 
         from modes_fx.attach import as_schedule
 
         _attach_from_options(as_schedule(options["schedule"]), example_inputs)
-    report = GraphReport(index=len(_REPORT.graphs), num_nodes=len(gm.graph.nodes), inner=inner)
-    current = _rewritten(gm, example_inputs, report)
-    _REPORT.graphs.append(report)
+    report = GraphReport(index=_REPORT.compiled, num_nodes=len(gm.graph.nodes), inner=inner)
+    current, models = _rewritten(gm, example_inputs, report)
+    _REPORT.add(report)
+    for model in models:
+        _MODEL_REPORTS.setdefault(model, Report()).add(report)
     for line in report.lines():
         log.info(line)
     fallback.untouched([u.reason for u in report.unsupported], report.index)
@@ -136,10 +145,13 @@ def modes_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | 
         return _inference_only(_inner_compile(current, example_inputs, inner, mode))
 
 
-def _rewritten(gm: fx.GraphModule, example_inputs: Sequence, report: GraphReport) -> fx.GraphModule:
-    """``gm`` with its MoE sites rewritten by every pass, recorded in ``report``; ``gm`` itself
-    when nothing was rewritten. One copy, matched once: each pass rewrites, in that copy, the
-    matched sites of its consumer kind; ``gm`` (Dynamo's) is never mutated."""
+def _rewritten(
+    gm: fx.GraphModule, example_inputs: Sequence, report: GraphReport
+) -> tuple[fx.GraphModule, list[torch.nn.Module]]:
+    """``gm`` with its MoE sites rewritten by every pass, recorded in ``report`` (``gm`` itself
+    when nothing was rewritten), and the attached models whose weights the graph receives when
+    it was. One copy, matched once: each pass rewrites, in that copy, the matched sites of its
+    consumer kind; ``gm`` (Dynamo's) is never mutated."""
     copy = copy_graph_module(gm)
     matches = match_moe_sites(copy.graph)
     report.unsupported += matches.unsupported  # routing the passes cannot take
@@ -148,4 +160,8 @@ def _rewritten(gm: fx.GraphModule, example_inputs: Sequence, report: GraphReport
         rewrites, unsupported = pass_cls(roles.get).apply(copy.graph, matches)
         report.rewrites += rewrites
         report.unsupported += unsupported
-    return recompiled(copy) if report.rewrites else gm
+    if not report.rewrites:
+        return gm, []
+    states = {id(role.state): role.state for role in roles.values()}.values()
+    models = [m for m in (state.model_ref() for state in states) if m is not None]
+    return recompiled(copy), models

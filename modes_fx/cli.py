@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from modes_fx.bench import add_arguments as bench_arguments
+from modes_fx.harness.speed_bench import add_arguments as bench_arguments
 from modes_fx.quiet import quiet_third_party
 
 USAGE_ERROR = 2  # exit status of bad input, as argparse's own errors
@@ -26,7 +26,7 @@ class UsageError(Exception):
 
 
 def _demo(args) -> int:
-    from modes_fx import demo
+    from modes_fx.harness import demo
 
     demo.run(quick=args.quick, inner=args.inner)
     return 0
@@ -125,13 +125,13 @@ def _schedule_show(args) -> int:
 
 
 def _bench_speed(args) -> int:
-    from modes_fx import bench
+    from modes_fx.harness import speed_bench as bench
 
     return bench.speed(args)
 
 
 def _bench_accuracy(args) -> int:
-    from modes_fx.digits import benchmark
+    from modes_fx.harness.digits import benchmark
 
     return benchmark.accuracy_command(args)
 

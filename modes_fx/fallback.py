@@ -19,6 +19,8 @@ import warnings
 
 import torch
 
+from modes_fx.compiled import compiled_forward
+
 
 class ModesFallbackWarning(UserWarning):
     """Part of an attached model ran its routed experts dense, without the ``modes`` op."""
@@ -34,7 +36,7 @@ def bypass_message(model: torch.nn.Module, seen: int, expected: int) -> str:
         f"modes: {expected - seen} of {expected} MoE layers of this {type(model).__name__} call ran dense, "
         "without the modes op (no expert was skipped there, and they are not counted by track()). "
     )
-    if getattr(model, "_compiled_call_impl", None) is None:
+    if compiled_forward(model) is None:
         return head + (
             "Cause: the model is not compiled in place with backend='modes': modes_fx.attach without compiling, "
             "or generate() (or another method) called on the torch.compile(model) wrapper, which runs the original "

@@ -1,16 +1,16 @@
-"""Tiny randomly initialised models of families ``modes_fx.testing`` does not build.
+"""Tiny randomly initialised models of families ``modes_fx.harness.testing`` does not build.
 
-``modes_fx.testing.build`` covers ``MODEL_NAMES`` (Qwen3-VL-MoE, Qwen3-MoE, Mixtral, OLMoE,
+``modes_fx.harness.testing.build`` covers ``MODEL_NAMES`` (Qwen3-VL-MoE, Qwen3-MoE, Mixtral, OLMoE,
 Qwen2-MoE) and ``SIGMOID_MODEL_NAMES`` (DeepSeek-V3, Kimi-K2.5, GLM-4.5V-MoE); use it for those. This module holds the one copy of the test builders for the
 other families (a dense Llama, and MoE families with other router or expert layouts), with the
-same vocabulary, special token ids, width and depth as ``modes_fx.testing``.
+same vocabulary, special token ids, width and depth as ``modes_fx.harness.testing``.
 """
 from __future__ import annotations
 
 import torch
 import transformers as tf
 
-from modes_fx.testing import BOS_ID, EOS_ID, HIDDEN, NUM_LAYERS, PAD_ID, VOCAB
+from modes_fx.harness.testing import BOS_ID, EOS_ID, HIDDEN, NUM_LAYERS, PAD_ID, VOCAB
 
 _COMMON = dict(
     vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=NUM_LAYERS,

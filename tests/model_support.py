@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 
-# builder name (modes_fx.testing.build or extra_models.extra_model) → family as users know it
+# builder name (modes_fx.harness.testing.build or extra_models.extra_model) → family as users know it
 FAMILIES = {
     "qwen3_vl_moe": "Qwen3-VL-MoE",
     "qwen3_moe": "Qwen3-MoE",
@@ -84,7 +84,7 @@ def _params(node_id: str) -> list[str]:
 
 
 def build_model(key: str):
-    from modes_fx.testing import MODEL_NAMES, MULTIMODAL_MOE_NAMES, SIGMOID_MODEL_NAMES, build
+    from modes_fx.harness.testing import MODEL_NAMES, MULTIMODAL_MOE_NAMES, SIGMOID_MODEL_NAMES, build
 
     if key in MODEL_NAMES + MULTIMODAL_MOE_NAMES + SIGMOID_MODEL_NAMES:
         return build(key)

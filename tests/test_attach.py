@@ -12,7 +12,7 @@ import modes_fx
 from modes_fx import runtime
 
 from extra_models import extra_model
-from modes_fx.testing import build, image_inputs, text_inputs
+from modes_fx.harness.testing import build, image_inputs, text_inputs
 
 TESTS_DIR = os.path.dirname(__file__)
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import modes_fx
-from modes_fx.sites import find_moe_sites
 
-from modes_fx.testing import (
+from modes_fx.compiled import set_compiled_forward
+from modes_fx.harness.testing import (
     EXPERTS_IMPLEMENTATIONS,
     MODEL_NAMES,
     build,
@@ -69,7 +69,7 @@ def test_tau_zero_equals_uncompiled_forward_and_generate(name, impl, with_image)
         with modes_fx.track() as t:
             tokens = greedy_generate(model, inputs, max_new_tokens=2)
     finally:
-        model._compiled_call_impl = None
+        set_compiled_forward(model, None)
         modes_fx.detach(model)
     assert torch.equal(tokens, dense_tokens)
     assert t.calls > 0 and t.skipped == 0

@@ -15,7 +15,8 @@ import torch
 
 import modes_fx
 from modes_fx import runtime
-from modes_fx.testing import (
+from modes_fx.compiled import set_compiled_forward
+from modes_fx.harness.testing import (
     EXPERTS_IMPLEMENTATIONS,
     SIGMOID_MODEL_NAMES,
     SIGMOID_MOE_LAYERS,
@@ -134,7 +135,7 @@ def test_tau_zero_inf_and_mid_thresholds_against_independent_references(impl, na
         with modes_fx.track() as at_mid:
             got_mid = _logits(model, inputs)
     finally:
-        model._compiled_call_impl = None
+        set_compiled_forward(model, None)
         modes_fx.detach(model)
         torch._dynamo.reset()
 

@@ -9,7 +9,7 @@ import torch
 import modes_fx
 import modes_fx.backend as backend
 import modes_fx.passes.graph_edit as graph_edit
-from modes_fx.testing import build, text_inputs
+from modes_fx.harness.testing import build, text_inputs
 
 from graph_capture import count_targets
 

@@ -17,7 +17,7 @@ from modes_fx import cli
 from modes_fx.calib import calibrate
 from modes_fx.calib.files import load_data
 from modes_fx.modality import check_input_ids
-from modes_fx.testing import VOCAB, build, text_inputs
+from modes_fx.harness.testing import VOCAB, build, text_inputs
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 import modes_fx
 from modes_fx.calib.baselines import METHODS, BaselineTuner
 from modes_fx.schedule import Schedule
-from modes_fx.testing import build, calibration_items, experts_modules, image_inputs
+from modes_fx.harness.testing import build, calibration_items, experts_modules, image_inputs
 
 TARGET = 0.375
 TOLERANCE = 0.02

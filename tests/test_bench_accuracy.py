@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from modes_fx.digits import benchmark
+from modes_fx.harness.digits import benchmark
 
 METHODS = ("top_k", "modes")
 

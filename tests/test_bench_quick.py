@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from modes_fx import bench
+from modes_fx.harness import speed_bench as bench
 from modes_fx.cli import main
 
 NAMES = ["eager", "dense", "modes tau=0", "modes skip=50%", "modes skip=75%", "modes skip=88%"]

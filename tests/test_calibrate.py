@@ -9,7 +9,8 @@ import modes_fx
 from modes_fx.calib import GridSpec, calibrate, evaluate_schedule, layer_importance
 from modes_fx.calib import session as session_module
 from modes_fx.calib.data import prepare
-from modes_fx.testing import build, calibration_items
+from modes_fx.harness.testing import build, calibration_items
+from modes_fx.compiled import compiled_forward, compiled_forward_as
 
 GRID = GridSpec(points=8, mapping="linear", tau_max={"text": 0.6, "vision": 0.6})
 TARGET = 0.5
@@ -122,12 +123,9 @@ def test_a_pass_that_bypasses_the_rewrite_is_an_error_not_a_measurement(model, d
     with session_module.CalibrationSession(model, prepare(data), ["text", "vision"]) as session:
         table = session.ablation_table(0, 0)
         session.measure_table(table)  # compiled: fine
-        compiled, model._compiled_call_impl = model._compiled_call_impl, None  # run uncompiled
-        try:
+        with compiled_forward_as(model, None):  # run uncompiled
             with pytest.raises(RuntimeError, match="without the modes rewrite"):
                 session.measure_table(table)
-        finally:
-            model._compiled_call_impl = compiled
 
 
 def test_a_failed_session_start_restores_the_model_and_dynamo_limits():
@@ -139,4 +137,4 @@ def test_a_failed_session_start_restores_the_model_and_dynamo_limits():
     with pytest.raises(FloatingPointError):
         session.__enter__()
     assert torch._dynamo.config.recompile_limit == limit
-    assert broken._compiled_call_impl is None and modes_fx.runtime.state_of(broken) is None
+    assert compiled_forward(broken) is None and modes_fx.runtime.state_of(broken) is None

@@ -9,7 +9,7 @@ import torch
 
 import modes_fx
 from modes_fx.calib import GridSpec, calibrate
-from modes_fx.testing import build, calibration_items, mixed_inputs
+from modes_fx.harness.testing import build, calibration_items, mixed_inputs
 
 TARGET = 0.5
 POINTS = 4

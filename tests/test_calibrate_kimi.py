@@ -8,7 +8,7 @@ import torch
 
 import modes_fx
 from modes_fx.calib import GridSpec, calibrate
-from modes_fx.testing import SIGMOID_MOE_LAYERS, build, calibration_items
+from modes_fx.harness.testing import SIGMOID_MOE_LAYERS, build, calibration_items
 
 GRID = GridSpec(points=6, mapping="linear", tau_max={"text": 0.8, "vision": 0.8})
 TARGET = 0.4

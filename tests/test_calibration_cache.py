@@ -16,8 +16,8 @@ import torch
 from modes_fx.calib import GridSpec, calibrate
 from modes_fx.calib import session as session_module
 from modes_fx.calib.cache import DiskCache, weights_fingerprint
-from modes_fx.quantize import quantize_experts
-from modes_fx.testing import build, calibration_items, experts_modules, text_inputs
+from modes_fx.quant.quantize import quantize_experts
+from modes_fx.harness.testing import build, calibration_items, experts_modules, text_inputs
 
 GRID = GridSpec(points=6, mapping="linear", tau_max={"text": 0.6})
 TARGET = 0.3

@@ -9,8 +9,9 @@ import sys
 import pytest
 
 import modes_fx
-from modes_fx import cli, demo
-from modes_fx.testing import build
+from modes_fx import cli
+from modes_fx.harness import demo
+from modes_fx.harness.testing import build
 
 # a line printed by torchao's logger, torch's Dynamo / Inductor / pytree loggers, transformers'
 # logger, or a Python warning raised in those packages (the library's own warnings may name them)
@@ -23,7 +24,8 @@ THIRD_PARTY = re.compile(
 # there, and torch's log handlers write to that process's real stderr), then the DemoResult
 QUICK_DEMO = """
 import dataclasses, json
-from modes_fx import cli, demo
+from modes_fx import cli
+from modes_fx.harness import demo
 results, run = [], demo.run
 demo.run = lambda **kwargs: results.append(run(**kwargs)) or results[-1]
 assert cli.main(["demo", "--quick"]) == 0

@@ -12,7 +12,7 @@ from modes_fx import cli
 from modes_fx.calib import GridSpec, calibrate, tau_grid
 from modes_fx.calib.grids import exp_tau, score_grid, top_tau
 from modes_fx.calib.scores import RoutingScores, _Sample
-from modes_fx.testing import build, calibration_items, text_inputs
+from modes_fx.harness.testing import build, calibration_items, text_inputs
 
 POINTS = 12
 # The search promises skip ≥ target at the lowest KL; with one column it is the first grid point

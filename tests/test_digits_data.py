@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modes_fx.calib import prepare
-from modes_fx.digits import data
+from modes_fx.harness.digits import data
 
 
 def test_splits_partition_the_images_and_hold_every_digit():

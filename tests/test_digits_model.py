@@ -8,9 +8,10 @@ import torch
 
 import modes_fx
 from modes_fx import runtime
-from modes_fx.digits import data, evaluate
-from modes_fx.digits import model as digits_model
-from modes_fx.testing import experts_modules
+from modes_fx.harness.digits import data, evaluate
+from modes_fx.harness.digits import model as digits_model
+from modes_fx.harness.testing import experts_modules
+from modes_fx.compiled import set_compiled_forward
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_modes_backend_answers_like_the_dense_model_and_tau_inf_like_removed_exp
         runtime.state_of(model).set_thresholds(modes_fx.Schedule.constant(model, tau={"text": math.inf, "image": math.inf}).thresholds())
         skipped = [evaluate.predict(model, b) for b in batches]
     finally:
-        model._compiled_call_impl = None
+        set_compiled_forward(model, None)
         modes_fx.detach(model)
 
     for got, want in zip(got_logits, dense_logits):

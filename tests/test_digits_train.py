@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from modes_fx.digits import data, evaluate, train
-from modes_fx.digits import model as digits_model
+from modes_fx.harness.digits import data, evaluate, train
+from modes_fx.harness.digits import model as digits_model
 
 STEPS = dict(steps=3, batch_size=8, warmup=1, threads=1)
 

@@ -12,7 +12,8 @@ import torch
 
 import modes_fx
 from modes_fx import runtime
-from modes_fx.testing import (
+from modes_fx.compiled import set_compiled_forward
+from modes_fx.harness.testing import (
     EXPERTS_IMPLEMENTATIONS,
     MULTIMODAL_MOE_NAMES,
     build,
@@ -57,7 +58,7 @@ class Compiled:
         runtime.state_of(self.model).set_thresholds(modes_fx.Schedule.constant(self.model, **schedule).thresholds())
 
     def close(self) -> None:
-        self.model._compiled_call_impl = None
+        set_compiled_forward(self.model, None)
         modes_fx.detach(self.model)
         torch._dynamo.reset()
 

@@ -14,7 +14,7 @@ import modes_fx
 from modes_fx import runtime
 from modes_fx.kernels.reference import keep_mask
 from modes_fx.schedule import Schedule
-from modes_fx.testing import build
+from modes_fx.harness.testing import build
 
 MODALITIES = ["text", "vision"]
 VALUES_FIELD = {"pi": "alpha", "ratio_to_top1": "beta", "rank": "kept_slots"}

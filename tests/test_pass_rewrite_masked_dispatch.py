@@ -13,7 +13,7 @@ from modes_fx.sites import UnsupportedModelError, find_moe_sites
 
 from extra_models import extra_model
 from graph_capture import capture, count_targets, signature
-from modes_fx.testing import build, text_inputs
+from modes_fx.harness.testing import build, text_inputs
 
 MASKED = "modes.masked_experts.default"
 ROUTE = "modes.route_mask.default"

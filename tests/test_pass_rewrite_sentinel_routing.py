@@ -8,7 +8,7 @@ from modes_fx.passes.rewrite_masked_dispatch import RewriteMaskedDispatch
 from modes_fx.passes.rewrite_sentinel_routing import RewriteSentinelRouting
 
 from graph_capture import capture, count_targets, signature
-from modes_fx.testing import build, text_inputs
+from modes_fx.harness.testing import build, text_inputs
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from modes_fx.passes.rewrite_sentinel_routing import RewriteSentinelRouting
 from modes_fx.sites import find_moe_sites
 
 from graph_capture import capture, count_targets, signature
-from modes_fx.testing import ROUTED_SCALING_FACTOR, SIGMOID_MODEL_NAMES, SIGMOID_MOE_LAYERS, build, text_inputs
+from modes_fx.harness.testing import ROUTED_SCALING_FACTOR, SIGMOID_MODEL_NAMES, SIGMOID_MOE_LAYERS, build, text_inputs
 
 MASKED = "modes.masked_experts.default"
 ROUTE = "modes.route_mask.default"

@@ -12,7 +12,7 @@ import pytest
 import modes_fx
 from modes_fx import runtime, sites
 from modes_fx.calib import GridSpec, calibrate
-from modes_fx.testing import build, calibration_items, text_inputs
+from modes_fx.harness.testing import build, calibration_items, text_inputs
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from torchao.quantization import Int4WeightOnlyConfig
 import modes_fx
 from modes_fx import runtime
 from modes_fx.calib import GridSpec, calibrate, evaluate_schedule
-from modes_fx.int4_experts import Int4ExpertsTensor
-from modes_fx.quantize import expert_weight_bytes, quantize_experts
+from modes_fx.quant.int4_experts import Int4ExpertsTensor
+from modes_fx.quant.quantize import expert_weight_bytes, quantize_experts
 from modes_fx.sites import find_moe_sites, site_parameters
-from modes_fx.testing import build, experts_modules, greedy_generate, modality_mask, remove_routed_experts, router_modules, text_inputs
+from modes_fx.harness.testing import build, experts_modules, greedy_generate, modality_mask, remove_routed_experts, router_modules, text_inputs
 
 BF16 = torch.bfloat16
 EAGER_INNER = {"inner": "eager"}

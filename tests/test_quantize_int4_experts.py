@@ -11,9 +11,9 @@ from test_op_masked_experts import make_case, per_token_reference
 from torch.nn import functional as F
 from torchao.prototype.quantization.int4 import Int4OpaqueTensor
 
-from modes_fx.int4_experts import GROUP_SIZES, Int4ExpertsTensor
+from modes_fx.quant.int4_experts import GROUP_SIZES, Int4ExpertsTensor
 from modes_fx.kernels.reference import masked_experts_reference
-from modes_fx.quantize import stored_bytes
+from modes_fx.quant.quantize import stored_bytes
 
 BF16 = torch.bfloat16
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from modes_fx.quiet import QUIET_LOGGERS, quiet_third_party
-from modes_fx.testing import build, calibration_items
+from modes_fx.harness.testing import build, calibration_items
 
 # a line printed by torchao's logger, torch's Dynamo / Inductor / pytree loggers, transformers'
 # logger, or a Python warning raised in those packages (the library's own warnings may name them)

@@ -10,7 +10,7 @@ import torch
 import modes_fx
 from extra_models import extra_model
 from modes_fx.sites import REFUSED_BLOCKS, UnsupportedModelError, unsupported_moe_blocks
-from modes_fx.testing import TEXT_ID_HIGH, TEXT_ID_LOW, build
+from modes_fx.harness.testing import TEXT_ID_HIGH, TEXT_ID_LOW, build
 
 # name: (refused block paths, the reason's key phrase, the graph report's key phrase)
 REFUSED = {

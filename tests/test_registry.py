@@ -6,7 +6,7 @@ import torch
 import modes_fx
 from modes_fx import runtime
 from modes_fx.sites import find_moe_sites, site_parameters
-from modes_fx.testing import build
+from modes_fx.harness.testing import build
 
 
 def _router_weight(model):

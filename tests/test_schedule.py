@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from extra_models import extra_model
 from modes_fx.schedule import FORMAT_VERSION, RULE_FIELDS, Schedule
-from modes_fx.testing import build
+from modes_fx.harness.testing import build
 
 # ----------------------------------------------------------------------------------------------
-# Tiny models (random weights, no downloads): modes_fx.testing, plus a dense Llama
+# Tiny models (random weights, no downloads): modes_fx.harness.testing, plus a dense Llama
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import modes_fx
 from modes_fx import cli, runtime
 from modes_fx.schedule import SCHEDULE_FILE, Schedule
-from modes_fx.testing import build
+from modes_fx.harness.testing import build
 
 
 @pytest.fixture(scope="module")

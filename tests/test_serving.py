@@ -7,8 +7,9 @@ import torch
 
 import modes_fx
 from modes_fx import runtime
-from modes_fx.testing import build, greedy_generate, image_inputs, text_config, text_inputs
+from modes_fx.harness.testing import build, greedy_generate, image_inputs, text_config, text_inputs
 from modes_fx.tracking import IncompleteTrackingError
+from modes_fx.compiled import set_compiled_forward
 
 NAME = "qwen3_vl_moe"
 
@@ -70,7 +71,7 @@ def test_varied_shapes_all_go_through_the_modes_op_at_the_default_recompile_limi
         state = runtime.state_of(model)
         assert state.bypassed_forwards == 0 and state.forwards == sum(1 if k == "forward" else NEW_TOKENS for k, _ in requests)
     finally:
-        model._compiled_call_impl = None
+        set_compiled_forward(model, None)
         modes_fx.detach(model)
         torch._dynamo.reset()
 
@@ -94,7 +95,7 @@ def test_recompile_limit_of_one_warns_and_track_refuses_a_partial_ratio():
         assert str(stats).startswith("incomplete:")
         assert runtime.state_of(model).bypassed_forwards > 0
     finally:
-        model._compiled_call_impl = None
+        set_compiled_forward(model, None)
         modes_fx.detach(model)
         torch._dynamo.reset()
 
@@ -143,7 +144,7 @@ def test_compiling_without_attach_warns_that_routers_stay_dense():
         with pytest.warns(modes_fx.ModesFallbackWarning, match="MoE router\\(s\\) dense: router weight belongs to no attached model"):
             _run(model, "forward", text_inputs(model))
     finally:
-        model._compiled_call_impl = None
+        set_compiled_forward(model, None)
         torch._dynamo.reset()
 
 

@@ -7,10 +7,10 @@ import transformers as tf
 
 from extra_models import extra_model
 from modes_fx.sites import find_moe_sites, model_fingerprint, site_parameters
-from modes_fx.testing import MODEL_NAMES, ROUTED_SCALING_FACTOR, SIGMOID_MODEL_NAMES, build
+from modes_fx.harness.testing import MODEL_NAMES, ROUTED_SCALING_FACTOR, SIGMOID_MODEL_NAMES, build
 
 # ----------------------------------------------------------------------------------------------
-# Tiny models (random weights, no downloads): modes_fx.testing.build for MODEL_NAMES, the
+# Tiny models (random weights, no downloads): modes_fx.harness.testing.build for MODEL_NAMES, the
 # extra_models test helper for the other families
 
 

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import modes_fx.testing as tm
-from modes_fx.testing import MODEL_NAMES, EXPERTS_IMPLEMENTATIONS
+import modes_fx.harness.testing as tm
+from modes_fx.compiled import is_compiled
+from modes_fx.harness.testing import MODEL_NAMES, EXPERTS_IMPLEMENTATIONS
 
 CLASS_NAMES = {
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
@@ -427,11 +428,11 @@ def test_reference_refuses_compiled_models():
             model.compile(backend="eager")
         else:
             model.forward = torch.compile(model.forward, backend="eager")
-        assert tm.is_compiled(model)
+        assert is_compiled(model)
         with pytest.raises(TypeError, match="uncompiled"):
             with tm.remove_routed_experts(model, tm.no_tokens):
                 pass
-    assert not tm.is_compiled(tm.build("olmoe"))
+    assert not is_compiled(tm.build("olmoe"))
 
 
 def test_reference_needs_input_ids():

@@ -1,7 +1,7 @@
-"""``modes bench speed`` (also ``python -m modes_fx.bench speed``): what skipping buys in wall time.
+"""``modes bench speed`` (also ``python -m modes_fx.harness.speed_bench speed``): what skipping buys in wall time.
 
 One process, one randomly initialised Qwen3-VL-MoE (``Qwen3VLMoeForConditionalGeneration``, built
-by :func:`modes_fx.testing.build`; the vision tower is never run). The prompt is text-only token
+by :func:`modes_fx.harness.testing.build`; the vision tower is never run). The prompt is text-only token
 ids: BOS, ``image_tokens`` copies of the image token id (the modality hook maps them to the
 ``image`` modality, so the modality machinery runs) and ``text_tokens - 1`` ordinary text ids;
 then a greedy decode of ``decode_tokens`` tokens at batch 1 (argmax over the ordinary text ids,
@@ -14,13 +14,13 @@ KV cache). Variants, timed with interleaved repetitions:
   ``modes_fx.track()`` reads the skip ratio S (± 1%) on the benchmark prefill and decode.
 
 With ``--precision w4a16`` (or ``both``): the W4A16 rows, on the same model (rebuilt from the same seed) converted to bf16 and
-quantized by :func:`modes_fx.quantize.quantize_experts` (int4 experts and linears, bf16
+quantized by :func:`modes_fx.quant.quantize.quantize_experts` (int4 experts and linears, bf16
 activations): ``w4a16 dense`` (compiled as ``dense``; the baseline of these rows), ``w4a16
 tau=0`` and ``w4a16 skip=88%``, with the weight memory of the fp32, bf16 and W4A16 models and the
 W4A16 logits' relative error against bf16 on the benchmark prompt.
 
-Both compiled variants live side by side on the same module (``module._compiled_call_impl`` is
-switched between them); thresholds change through ``state.set_thresholds`` without recompiling.
+Both compiled variants live side by side on the same module (``modes_fx.compiled.set_compiled_forward``
+switches between them); thresholds change through ``state.set_thresholds`` without recompiling.
 Latencies are milliseconds; the decode latency is the total of the ``decode_tokens`` steps.
 The experts share is the fraction of the ``tau=0`` time spent in ``modes::masked_experts``
 (``modes::masked_experts_int4`` for W4A16; torch.profiler); the Amdahl bound at skip ratio s is
@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from modes_fx.compiled import set_compiled_forward
 
 SKIP_TARGETS = (0.5, 0.75, 0.88)
 W4A16_SKIP = 0.88  # the W4A16 rows: dense vs this skip ratio
@@ -74,7 +76,7 @@ QUICK = BenchConfig(64, 2, 8, 2, 32, 4, 2, 16, 48, 8, 4, 1, "eager")
 
 def build_model(cfg: BenchConfig) -> torch.nn.Module:
     """The benchmark model (fp32, eval, seeded random weights, grouped_mm experts)."""
-    from modes_fx import testing
+    from modes_fx.harness import testing
 
     half = cfg.head_dim // 2
     hw = half * 5 // 16  # mrope sections (t, h, w) summing to head_dim / 2, as Qwen3-VL's 24/20/20
@@ -102,7 +104,7 @@ def build_model(cfg: BenchConfig) -> torch.nn.Module:
 
 def prompt_ids(cfg: BenchConfig) -> torch.Tensor:
     """int64 [1, image_tokens + text_tokens]: BOS, the image placeholders, then text ids."""
-    from modes_fx import testing
+    from modes_fx.harness import testing
 
     g = torch.Generator().manual_seed(0)
     text = torch.randint(testing.TEXT_ID_LOW, testing.TEXT_ID_HIGH, (cfg.text_tokens - 1,), generator=g)
@@ -119,7 +121,8 @@ class Runner:
 
     def __init__(self, model: torch.nn.Module, cfg: BenchConfig):
         import modes_fx
-        from modes_fx import runtime, testing
+        from modes_fx import runtime
+        from modes_fx.harness import testing
 
         self.model, self.cfg, self.ids = model, cfg, prompt_ids(cfg)
         modes_fx.attach(model, modes_fx.Schedule.constant(model, tau={}))
@@ -157,7 +160,7 @@ class Runner:
         self._dense.close()
         if impl != "modes":
             self._dense.enter_context(modes_fx.running_dense(self.model))
-        self.model._compiled_call_impl = self.impls[impl]
+        set_compiled_forward(self.model, self.impls[impl])
         table = torch.full_like(self.state.thresholds, threshold)
         table[:, 0] = -torch.inf
         self.state.set_thresholds(table)
@@ -352,12 +355,12 @@ def run_fp32(cfg: BenchConfig, echo) -> dict:
 
 def run_w4a16(cfg: BenchConfig, echo) -> dict:
     """The W4A16 rows: the benchmark model converted to bf16 and quantized by
-    :func:`modes_fx.quantize.quantize_experts` (int4 experts and linears), timed as ``w4a16
+    :func:`modes_fx.quant.quantize.quantize_experts` (int4 experts and linears), timed as ``w4a16
     dense`` (torch.compile with ``cfg.compiler``, the baseline of these rows), ``w4a16 tau=0``
     and ``w4a16 skip=88%``. Also measures the weight memory (MiB) of the fp32, bf16 and W4A16
     models and the W4A16 logits' relative error ‖W4A16 − bf16‖ / ‖bf16‖ on the benchmark prompt
     (eager, every position)."""
-    from modes_fx.quantize import model_weight_bytes, quantize_experts
+    from modes_fx.quant.quantize import model_weight_bytes, quantize_experts
 
     torch._dynamo.reset()  # fresh automatic-dynamic state: these graphs compile as the fp32 ones did
     model = build_model(cfg)
@@ -543,7 +546,7 @@ def speed(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m modes_fx.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m modes_fx.harness.speed_bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="action", required=True)
     add_arguments(sub.add_parser("speed", help="latency of eager, inductor and modes at several skip ratios"))
     return speed(p.parse_args(argv))

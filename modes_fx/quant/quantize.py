@@ -2,7 +2,7 @@
 place, composed with ``backend="modes"`` (see ``docs/quantization.md``).
 
 - Expert weights (3D ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) become
-  :class:`modes_fx.int4_experts.Int4ExpertsTensor` (one torchao ``Int4OpaqueTensor`` per expert).
+  :class:`modes_fx.quant.int4_experts.Int4ExpertsTensor` (one torchao ``Int4OpaqueTensor`` per expert).
 - Other ``nn.Linear`` layers (attention, dense MLPs, shared experts, the vision tower) go through
   ``torchao.quantization.quantize_`` with the same config, except the output head and any linear
   whose shape the int4 CPU kernel cannot take (listed in the report with the reason).
@@ -21,7 +21,7 @@ from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 from torchao.quantization import quantize_
 from torchao.utils import TorchAOBaseTensor
 
-from modes_fx.int4_experts import GROUP_SIZES, Int4ExpertsTensor
+from modes_fx.quant.int4_experts import GROUP_SIZES, Int4ExpertsTensor
 from modes_fx.sites import MoESite, find_moe_sites
 
 __all__ = ["QuantizationReport", "default_config", "expert_weight_bytes", "model_weight_bytes", "quantize_experts", "stored_bytes"]

@@ -8,8 +8,9 @@ import sys
 
 import torch
 
-import modes_fx
 from modes_fx import runtime
+from modes_fx.attach import attach, detach
+from modes_fx.compiled import compiled_forward, set_compiled_forward
 from modes_fx.modality import GROUP_COLUMNS, check_input_ids, kind_to_column, special_token_ids, text_vocab_size
 from modes_fx.schedule import Schedule
 
@@ -64,9 +65,9 @@ class CalibrationSession:
         # (runtime.RECOMPILE_LIMIT) and restores it on detach
         previous = runtime.state_of(self.model)
         self._previous_schedule = previous.schedule if previous else None
-        self._previous_compiled = self.model._compiled_call_impl
+        self._previous_compiled = compiled_forward(self.model)
         try:
-            modes_fx.attach(self.model, self.base)
+            attach(self.model, self.base)
             self.state = runtime.state_of(self.model)
             self.model.compile(backend="modes", options={"inner": self.inner})
             observing = self.state.observing_scores(self.reference_observer) if self.reference_observer else contextlib.nullcontext()
@@ -78,10 +79,10 @@ class CalibrationSession:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.model._compiled_call_impl = self._previous_compiled
-        modes_fx.detach(self.model)
+        set_compiled_forward(self.model, self._previous_compiled)
+        detach(self.model)
         if self._previous_schedule is not None:
-            modes_fx.attach(self.model, self._previous_schedule)
+            attach(self.model, self._previous_schedule)
 
     @property
     def num_sites(self) -> int:

@@ -1,4 +1,4 @@
-"""``modes demo``: the whole MoDES flow on the embedded digits VLM (``modes_fx.digits``).
+"""``modes demo``: the whole MoDES flow on the embedded digits VLM (``modes_fx.harness.digits``).
 
 1. Load the committed trained ``Qwen3VLMoeForConditionalGeneration`` (``from_pretrained``).
 2. Calibrate on the calibration split: GMLG layer importance α[l, m] and the frontier search for
@@ -18,9 +18,10 @@ import torch
 
 import modes_fx
 from modes_fx.calib.baselines import BaselineTuner
-from modes_fx.digits import data, evaluate
-from modes_fx.digits.benchmark import FULL, evaluate_deployed, tracked_accuracy
-from modes_fx.digits import model as digits_model
+from modes_fx.compiled import compiled_forward, set_compiled_forward
+from modes_fx.harness.digits import data, evaluate
+from modes_fx.harness.digits.benchmark import FULL, evaluate_deployed, tracked_accuracy
+from modes_fx.harness.digits import model as digits_model
 
 TARGET_SKIP = 0.88
 
@@ -74,7 +75,7 @@ def latency_ratios(model, batch: data.Batch, inner: str, reps: int, echo) -> tup
     MoDES, median of each.
     Prefill: one forward of ``batch``; decode: 8 greedy steps with a KV cache at batch 1."""
     dense_impl = torch.compile(model._call_impl, backend=inner) if inner != "eager" else model._call_impl
-    modes_impl = model._compiled_call_impl
+    modes_impl = compiled_forward(model)
     row = batch.inputs["attention_mask"][0].bool()  # row 0 without its left padding, at batch 1
     one = {k: batch.inputs[k][:1, row] for k in ("input_ids", "mm_token_type_ids") if k in batch.inputs}
     if batch.questions[0].image is not None:
@@ -93,7 +94,7 @@ def latency_ratios(model, batch: data.Batch, inner: str, reps: int, echo) -> tup
 
     def using(name: str):
         """Route the model's calls to the ``name`` variant (the dense one is dense on purpose)."""
-        model._compiled_call_impl = dense_impl if name == "dense" else modes_impl
+        set_compiled_forward(model, dense_impl if name == "dense" else modes_impl)
         return modes_fx.running_dense(model) if name == "dense" else contextlib.nullcontext()
 
     timings = {}
@@ -105,7 +106,7 @@ def latency_ratios(model, batch: data.Batch, inner: str, reps: int, echo) -> tup
             for name in ("dense", "modes"):
                 with using(name):
                     timings[(phase, name)] = _median_ms(fn, reps)
-    model._compiled_call_impl = modes_impl
+    set_compiled_forward(model, modes_impl)
     for phase in ("prefill", "decode"):
         echo(f"{phase:<8s} dense ({inner}) {timings[(phase, 'dense')]:8.1f} ms   MoDES {timings[(phase, 'modes')]:8.1f} ms   "
              f"x{timings[(phase, 'dense')] / timings[(phase, 'modes')]:.2f}")
@@ -149,7 +150,7 @@ def run(quick: bool = False, inner: str = "eager", echo=print) -> DemoResult:
         show_examples(model, model._call_impl, test[0], 3 if quick else 5, echo)
         prefill_x, decode_x = latency_ratios(model, test[0], inner, 3 if quick else 10, echo)
     finally:
-        model._compiled_call_impl = None
+        set_compiled_forward(model, None)
         modes_fx.detach(model)
 
     echo("\n| | accuracy | retention | skipped pairs |\n|---|---|---|---|")

@@ -8,7 +8,7 @@ import torch
 
 from . import data
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits_vlm"
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "assets" / "digits_vlm"
 
 HIDDEN = 128
 NUM_LAYERS = 4

@@ -55,7 +55,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @functools.cache
 def digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits: images float64 [1797, 8, 8] in [0, 16] and labels int64 [1797]."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError(
+            "the digits benchmark model needs scikit-learn (its digits data set): pip install 'modes-fx[digits]'"
+        ) from None
 
     data = load_digits()
     return data.images, data.target.astype(np.int64)

@@ -1,4 +1,4 @@
-"""Offline calibration (installed as ``modes_fx.calib``): layer importance (GMLG), frontier
+"""Offline calibration (``modes_fx.calib``): layer importance (GMLG), frontier
 search over per-modality thresholds (DMT), ``calibrate`` tying them into a Schedule, and the
 baselines of the paper's comparison tuned to a measured skip ratio. See docs/calibration.md."""
 from .baselines import METHODS, BaselineTuner, Knob, Tuned, tune_methods

@@ -3,6 +3,6 @@ visual question answering task over scikit-learn's handwritten digits (see docs/
 
 - ``data``: vocabulary, question types, splits by image, batched model inputs;
 - ``model``: the config, ``build`` (fresh) and ``load`` (the committed checkpoint);
-- ``train``: ``python -m modes_fx.digits.train --out DIR``;
+- ``train``: ``python -m modes_fx.harness.digits.train --out DIR``;
 - ``evaluate``: accuracy per question type / modality, top-1 and routed-experts-removed figures.
 """

@@ -1,5 +1,5 @@
 """Tiny real transformers MoE models for tests and demos, and an independent reference for
-skipping (``modes_fx.testing``, in the spirit of ``torch.testing``).
+skipping (``modes_fx.harness.testing``, in the spirit of ``torch.testing``).
 
 Everything here uses transformers and torch only (no other ``modes_fx`` module), so tests can
 compare ``modes_fx`` against it.
@@ -35,6 +35,8 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
+
+from modes_fx.compiled import is_compiled
 
 MODEL_NAMES = ("qwen3_vl_moe", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe")
 # Also built by ``build``; kept out of MODEL_NAMES, whose suites are parametrised over it.
@@ -714,18 +716,6 @@ def modality_mask(model: torch.nn.Module, kind: str) -> TokenMaskFn:
         return sel
 
     return fn
-
-
-def is_compiled(model: torch.nn.Module) -> bool:
-    """Whether calls of ``model`` go through torch.compile (wrapper, ``model.compile()`` or a
-    compiled ``forward``)."""
-    import torch._dynamo
-
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        return True
-    if getattr(model, "_compiled_call_impl", None) is not None:
-        return True
-    return hasattr(model.__dict__.get("forward"), "_torchdynamo_orig_callable")
 
 
 def no_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

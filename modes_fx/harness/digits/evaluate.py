@@ -1,7 +1,7 @@
 """Accuracy of a digits model on a split: overall, per question type, per modality (vision /
 text), and the skipping-sensitivity figures (top-1 routing, routed experts removed).
 
-    python -m modes_fx.digits.evaluate [--checkpoint DIR] [--split test] [--limit N]
+    python -m modes_fx.harness.digits.evaluate [--checkpoint DIR] [--split test] [--limit N]
 
 ``accuracy`` takes any callable model (eager, compiled, ``modes_fx.attach``-ed): one forward
 per batch; the prediction is the argmax over the answer vocabulary at the last position.
@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from modes_fx import testing
+from modes_fx.compiled import is_compiled
+from modes_fx.harness import testing
 
 from . import data
 
@@ -82,7 +83,7 @@ def top_k_routing(model: torch.nn.Module, k: int) -> Iterator[None]:
     """Within the block, every MoE layer of the (uncompiled) ``model`` routes each token to its
     top ``k`` experts, weights renormalised over those k, as the model would with
     ``num_experts_per_tok = k``."""
-    if testing.is_compiled(model):
+    if is_compiled(model):
         raise TypeError("top_k_routing needs an uncompiled model (compiled graphs keep the k they were traced with)")
     routers = _routers(model)
     if not 1 <= k <= routers[0].num_experts:
@@ -99,7 +100,7 @@ def top_k_routing(model: torch.nn.Module, k: int) -> Iterator[None]:
 
 def routed_experts_removed(model: torch.nn.Module, layers: list[int] | None = None) -> contextlib.AbstractContextManager:
     """Context manager: no routed-expert output for any token in the MoE layers at ``layers``
-    (default: all), via ``modes_fx.testing.remove_routed_experts``; uncompiled models only."""
+    (default: all), via ``modes_fx.harness.testing.remove_routed_experts``; uncompiled models only."""
     return testing.remove_routed_experts(model, testing.modality_mask(model, "all"), layers=layers)
 
 
@@ -135,7 +136,7 @@ def format_table(results: dict[str, Accuracy]) -> str:
 def main(argv: list[str] | None = None) -> None:
     from . import model as digits_model
 
-    parser = argparse.ArgumentParser(prog="python -m modes_fx.digits.evaluate", description="accuracy table of a digits checkpoint")
+    parser = argparse.ArgumentParser(prog="python -m modes_fx.harness.digits.evaluate", description="accuracy table of a digits checkpoint")
     parser.add_argument("--checkpoint", default=None, help="save_pretrained directory (default: the committed one)")
     parser.add_argument("--split", default="test", choices=[s for s in data.SPLITS if s != "train"])
     parser.add_argument("--limit", type=int, default=None, help="first N questions of the split")

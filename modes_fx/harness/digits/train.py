@@ -1,6 +1,6 @@
 """Reproducible training of the digits benchmark model.
 
-    python -m modes_fx.digits.train --out DIR [--steps N] [--batch-size B] [--seed S] [--init DIR]
+    python -m modes_fx.harness.digits.train --out DIR [--steps N] [--batch-size B] [--seed S] [--init DIR]
 
 Each step samples ``batch_size`` training questions (seeded), runs the vision and the text
 questions as two forwards (so text rows are not padded to the image rows' length), and takes one
@@ -116,7 +116,7 @@ def train(
 
 def main(argv: list[str] | None = None) -> None:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m modes_fx.digits.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m modes_fx.harness.digits.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory to save_pretrained into")
     parser.add_argument("--init", default=None, help="continue from this saved model instead of a fresh one")
     for name in ("steps", "batch_size", "seed", "threads", "warmup"):
