@@ -23,6 +23,14 @@ def as_schedule(schedule: Schedule | str | os.PathLike) -> Schedule:
     raise TypeError(f"schedule must be a modes_fx.Schedule or a path to one, got {type(schedule).__name__}")
 
 
+def schedule_file_beside(model: torch.nn.Module) -> str | None:
+    """The path of the SCHEDULE_FILE in the local folder ``model`` was loaded from
+    (``config._name_or_path``), or None when there is none."""
+    folder = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    path = os.path.join(folder, SCHEDULE_FILE) if folder else ""
+    return path if path and os.path.isfile(path) else None
+
+
 def schedule_beside(model: torch.nn.Module) -> Schedule:
     """The schedule saved (``Schedule.save_pretrained``) in the folder ``model`` was loaded from
     (transformers' ``config._name_or_path``), logged at INFO on the "modes_fx" logger with its

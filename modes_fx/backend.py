@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from modes_fx import fallback, runtime
+from modes_fx.attach import as_schedule, attach, schedule_beside, schedule_file_beside
 from modes_fx.passes.graph_edit import copy_graph_module, recompiled
 from modes_fx.passes.match_moe_sites import match_moe_sites
 from modes_fx.passes.rewrite_masked_dispatch import RewriteMaskedDispatch
@@ -64,21 +65,26 @@ def resolver_for(example_inputs: Sequence) -> Callable[[fx.Node], runtime.ParamR
     return resolve
 
 
-def _attach_from_options(schedule, example_inputs: Sequence) -> None:
-    """Honour ``options={"schedule": ...}`` when ``attach`` was not called on this model: attach
-    to the Hugging Face model whose forward Dynamo is tracing, and record this call's modalities
-    (the pre-hook ``attach`` installs only runs from the next call on)."""
-    if any(runtime.role_of(x) for x in example_inputs if isinstance(x, torch.Tensor)):
+def _attach_when_needed(schedule, example_inputs: Sequence) -> None:
+    """Attach the Hugging Face model whose forward Dynamo is tracing when ``attach`` was not
+    called on it: to ``options={"schedule": ...}`` (``schedule``), or without that option to the
+    schedule saved in the folder the model was loaded from (``attach.schedule_beside``, which
+    logs the file), when there is one. Records this call's modalities (the pre-hook ``attach``
+    installs only runs from the next call on)."""
+    if any(runtime.roles_of(example_inputs)):
         return
     call = _traced_frame_locals()
     model = call.get("self")
-    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")):
+    is_model = isinstance(model, torch.nn.Module) and hasattr(model, "config")
+    if schedule is None:
+        if not (is_model and schedule_file_beside(model)):
+            return
+        schedule = schedule_beside(model)
+    elif not is_model:
         raise RuntimeError(
             "modes: options={'schedule': ...} needs the model being compiled, and this graph does not come "
             "from a model's forward; call modes_fx.attach(model, schedule) before torch.compile instead"
         )
-    from modes_fx.attach import attach
-
     attach(model, schedule)
     args = call.get("args") or ()
     input_ids = call.get("input_ids", args[0] if args else None)
@@ -127,10 +133,8 @@ def modes_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | 
     if unknown:
         raise ValueError(f"modes: unknown option(s) {sorted(unknown)}; known: {list(_OPTIONS)}")
     inner = options.get("inner", "inductor")
-    if options.get("schedule") is not None:
-        from modes_fx.attach import as_schedule
-
-        _attach_from_options(as_schedule(options["schedule"]), example_inputs)
+    schedule = options.get("schedule")
+    _attach_when_needed(None if schedule is None else as_schedule(schedule), example_inputs)
     report = GraphReport(index=_REPORT.compiled, num_nodes=len(gm.graph.nodes), inner=inner)
     current, models = _rewritten(gm, example_inputs, report)
     _REPORT.add(report)

@@ -5,12 +5,14 @@ import json
 import logging
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 import modes_fx
 from modes_fx import cli, runtime
 from modes_fx.schedule import SCHEDULE_FILE, Schedule
-from modes_fx.harness.testing import build
+from modes_fx.compiled import set_compiled_forward
+from modes_fx.harness.testing import build, text_inputs
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,35 @@ def test_attach_without_a_schedule_or_a_file_names_the_folder_and_how_to_make_on
         modes_fx.attach(build("qwen3_moe"))  # built in memory: no folder to look in
     with pytest.raises(ValueError, match="is not a folder"):
         Schedule.from_pretrained(tmp_path / "missing")
+
+
+def test_backend_modes_without_attach_uses_the_schedule_in_the_model_folder(folder, caplog):
+    torch._dynamo.reset()
+    model = _load(folder)
+    inputs = text_inputs(model)
+    with torch.no_grad():
+        dense = model(**inputs).logits
+    try:
+        with caplog.at_level(logging.INFO, logger="modes_fx"):
+            model.compile(backend="modes", options={"inner": "eager"})
+            with torch.no_grad(), modes_fx.track() as t:
+                model(**inputs)
+        state = runtime.state_of(model)
+        assert state is not None and state.schedule.source == str(folder / SCHEDULE_FILE)
+        assert str(folder / SCHEDULE_FILE) in caplog.text
+        assert t.skipped > 0 and t.calls == 2  # tau 0.1 skips; both MoE layers went through the op
+    finally:
+        set_compiled_forward(model, None)
+        modes_fx.detach(model)
+        torch._dynamo.reset()
+    # a model without a schedule in its folder compiles dense, as before (and is warned about)
+    plain = build("qwen3_moe")
+    plain.compile(backend="modes", options={"inner": "eager"})
+    with torch.no_grad(), pytest.warns(modes_fx.ModesFallbackWarning):
+        out = plain(**inputs).logits
+    set_compiled_forward(plain, None)
+    torch._dynamo.reset()
+    assert runtime.state_of(plain) is None and out.shape == dense.shape
 
 
 def test_a_schedule_in_the_folder_made_for_another_model_is_the_usual_error(folder, tmp_path):
