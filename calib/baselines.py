@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modes_fx.kernels.reference import rule_scores
+from modes_fx.rules import RankRule, RatioToTop1Rule
 from modes_fx.schedule import Schedule
 
 from .calibrate import GridSpec, search_thresholds
@@ -184,7 +184,7 @@ class BaselineTuner:
         def observe(site: int, scores: torch.Tensor, modality_ids: torch.Tensor) -> None:
             scores = scores[modality_ids > 0].float()
             tail = torch.ones_like(scores, dtype=torch.bool).scatter_(1, scores.argmax(dim=1, keepdim=True), False)
-            ratios[site].append(rule_scores(scores, "ratio_to_top1")[tail].cpu())
+            ratios[site].append(RatioToTop1Rule.scores(scores)[tail].cpu())
 
         with self.session.state.observing_scores(observe):
             self.session.measure_schedule(self.base)
@@ -249,7 +249,7 @@ class BaselineTuner:
 
             def kept(s: float) -> Schedule:
                 skipped = _spread(int(s), L * M)  # (layer, modality) cells, layer-major
-                return self.base.with_rule("rank", kept_slots=[[k - skipped[l * M + m] for m in range(M)] for l in range(L)])
+                return self.base.with_rule(RankRule(kept_slots=[[k - skipped[l * M + m] for m in range(M)] for l in range(L)]))
 
             return Knob(kept, 0, L * M * (k - 1), integer=True)
         if method == "uniform_threshold":
@@ -273,7 +273,7 @@ class BaselineTuner:
 
         def schedule(c: float) -> Schedule:
             beta = [[c * median if l in layers else 0.0] * M for l, median in enumerate(medians)]
-            return self.base.with_rule("ratio_to_top1", beta=beta)
+            return self.base.with_rule(RatioToTop1Rule(beta=beta))
 
         return Knob(schedule, 0.0, 2.0 / min(positive))
 
