@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from modes_fx.modality import GROUP_COLUMNS, TOKEN_KINDS, check_columns, special_token_ids
-from modes_fx.rules import RULE_VALUE_FIELDS, Rule, RULES, PiRule, check_list, is_real, rule_from_fields
+from modes_fx.rules import RULE_VALUE_FIELDS, RULES, PiRule, Rule, check_list, is_real, rule_from_fields
 from modes_fx.sites import MoESite, check_router_weights, check_supported, find_moe_sites, model_fingerprint
 
 FORMAT_VERSION = 2
@@ -249,7 +249,7 @@ class Schedule:
                 f"format_version {version!r} is not supported (expected one of {', '.join(map(str, READABLE_VERSIONS))})"
             )
         header = {f.name for f in fields(cls)} - {"rule"}
-        names = header | ({"alpha", "tau"} if version == 1 else {"rule", *RULE_VALUE_FIELDS})
+        names = header | (set(PiRule.field_names()) if version == 1 else {"rule", *RULE_VALUE_FIELDS})
         unknown = sorted(set(doc) - names)
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)} in a version {version} schedule")
