@@ -16,8 +16,8 @@ import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from modes_fx import fallback, tracking
-from modes_fx.kernels.reference import RULES, keep_mask
 from modes_fx.modality import UNMAPPED, check_input_ids, kind_to_column, special_token_ids, text_vocab_size, token_modality_ids
+from modes_fx.rules import RULES, PiRule, Rule
 from modes_fx.schedule import Schedule
 from modes_fx.sites import MoESite, known_sites, site_parameters
 
@@ -48,7 +48,8 @@ class AttachedState:
 
     thresholds: float32 [L, M + 1] in units of ``rule``'s score, column 0 = -inf (no modality);
         for rule "pi" column c + 1 = τ[c] / α[l, c] (see ``Schedule.thresholds``).
-    rule: the skipping rule the table is for (``kernels.reference.RULES``).
+    rule: the class of the skipping rule the table is for (one of ``rules.RULES``); its
+        ``keep_mask`` compares the scores with the table.
     modality_ids: int64 [T] for the current call (set by the forward pre-hook), or None.
     """
 
@@ -58,7 +59,7 @@ class AttachedState:
     kind_token_ids: dict[str, int]
     kind_ids: dict[str, int]
     thresholds: torch.Tensor
-    rule: str = "pi"
+    rule: type[Rule] = PiRule
     modality_ids: torch.Tensor | None = None
     hook_handles: list = field(default_factory=list)
     finalizer: weakref.finalize | None = None  # forgets this state when the model is collected
@@ -85,20 +86,20 @@ class AttachedState:
             kind_token_ids=special_token_ids(model.config),
             kind_ids=kind_to_column(schedule.modalities),
             thresholds=schedule.thresholds(),
-            rule=schedule.rule,
+            rule=type(schedule.rule),
             vocab_size=text_vocab_size(model.config),
         )
 
-    def set_thresholds(self, table: torch.Tensor, rule: str = "pi") -> None:
-        """Replace the threshold table (float32 [L, M + 1], in units of ``rule``'s score) and the
-        rule; takes effect at the next call, no recompile."""
+    def set_thresholds(self, table: torch.Tensor, rule: type[Rule] = PiRule) -> None:
+        """Replace the threshold table (float32 [L, M + 1], in units of the score of ``rule``, a
+        class of ``rules.RULES``) and the rule; takes effect at the next call, no recompile."""
         expected = tuple(self.thresholds.shape)
         if tuple(table.shape) != expected:
             raise ValueError(f"threshold table must have shape {expected}, got {tuple(table.shape)}")
         if torch.isnan(table).any():
             raise ValueError("threshold table contains NaN")
-        if rule not in RULES:
-            raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
+        if rule not in RULES.values():
+            raise ValueError(f"unknown rule {rule!r}; expected one of the classes of rules.RULES ({', '.join(RULES)})")
         self.thresholds = table.detach().to(torch.float32, copy=True).cpu()
         self.rule = rule
         self._device_thresholds.clear()
@@ -115,7 +116,7 @@ class AttachedState:
         with modality ids ``modality_ids`` int64 [T], under the current rule and thresholds."""
         for observe in self._score_observers:
             observe(site, scores, modality_ids)
-        return keep_mask(scores, modality_ids, self.site_thresholds(site, scores.device), self.rule)
+        return self.rule.keep_mask(scores, modality_ids, self.site_thresholds(site, scores.device))
 
     @contextlib.contextmanager
     def observing_scores(self, observer: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:

@@ -1,11 +1,11 @@
-"""The per-model skipping plan: a skipping rule and its per-(MoE site, modality) values.
+"""The per-model skipping plan: a header describing the model's MoE sites, and a skipping rule
+(modes_fx/rules.py) holding its per-(MoE site, modality) values.
 
-MoDES (rule "pi", the default) skips the routed (token, expert) pair of a token of modality column
-m at MoE site l when α[l, m] · π < τ[m], π being the pair's routing weight (see
-docs/architecture.md). The baselines of calib/baselines.py are schedules too, with other rules:
-"ratio_to_top1" skips slot j when π_j < β[l, m] · π_top1 (the top-1 slot is never skipped) and
-"rank" keeps the kept_slots[l, m] highest-π slots. A Schedule is made once per model (by
-calibration, or by hand with ``Schedule.constant`` / ``with_rule``), saved as versioned JSON
+MoDES (rule "pi") skips the routed (token, expert) pair of a token of modality column m at MoE
+site l when α[l, m] · π < τ[m], π being the pair's routing weight (see docs/architecture.md).
+The baselines of calib/baselines.py are schedules too, with other rules ("ratio_to_top1",
+"rank"). A Schedule is made once per model (by calibration, or by hand with
+``Schedule.constant`` / ``with_rule``), saved as versioned JSON
 (``save``, or ``save_pretrained`` into the model's folder as SCHEDULE_FILE) and checked against the
 model it is attached to.
 """
@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import json
 import math
-import numbers
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from modes_fx.kernels.reference import RULES
 from modes_fx.modality import GROUP_COLUMNS, TOKEN_KINDS, check_columns, special_token_ids
+from modes_fx.rules import RULE_VALUE_FIELDS, RULES, PiRule, Rule, check_list, is_real, rule_from_fields
 from modes_fx.sites import MoESite, check_router_weights, check_supported, find_moe_sites, model_fingerprint
 
 FORMAT_VERSION = 2
@@ -37,14 +36,6 @@ HOW_TO_MAKE = (
     "or `schedule.save_pretrained(DIR)`"
 )
 READABLE_VERSIONS = (1, 2)  # version 1: no rule field, always "pi"
-_INF = "inf"  # how +inf τ or β is written: JSON has no infinity
-RULE_FIELDS = {"pi": ("alpha", "tau"), "ratio_to_top1": ("beta",), "rank": ("kept_slots",)}
-"""The fields holding each rule's values; the fields of the other rules must be None."""
-_RULE_TEXT = {
-    "pi": "skip when alpha * pi < tau",
-    "ratio_to_top1": "skip slot j when pi_j < beta * pi_top1; top-1 kept",
-    "rank": "keep the kept_slots highest-pi slots",
-}
 
 
 @dataclass(kw_only=True)
@@ -55,16 +46,8 @@ class Schedule:
         modalities: schedule columns, e.g. ["text", "image", "video"] or ["text", "vision"];
             column c has modality id c + 1 (id 0 = padding, never skipped).
         site_paths: module paths of the model's MoE blocks, in layer order (L of them).
-        rule: the skipping rule, one of RULES; its values live in the fields RULE_FIELDS names,
-            the other rules' fields are None.
-        alpha: rule "pi": layer importance α, [L][M], finite and ≥ 0 (each column sums to 1
-            after calibration; a hand-made schedule may use uniform 1/L).
-        tau: rule "pi": threshold τ per column, [M], ≥ 0; +inf skips every routed pair of that
-            column.
-        beta: rule "ratio_to_top1": β, [L][M], ≥ 0 (+inf allowed): slot j of a token is skipped
-            when π_j < β · π_top1; the slot of highest π is never skipped.
-        kept_slots: rule "rank": k', [L][M], integers in [1, top_k]: each token keeps its k'
-            highest-π slots (ties: the earlier slot).
+        rule: the skipping rule and its values [L][M] (``rules.PiRule``, ``RatioToTop1Rule``
+            or ``RankRule``), checked against this header.
         top_k, num_experts: routing of every MoE site (k of E experts).
         model_class: class name of the model the schedule was made for.
         fingerprint: ``sites.model_fingerprint`` of that model ({} skips the fingerprint checks).
@@ -73,19 +56,13 @@ class Schedule:
         calibration: free-form JSON-serialisable metadata (data size, grid, KL, ...).
         format_version: version of the JSON format; only FORMAT_VERSION is supported.
 
-    -0.0 in α, τ or β is stored as 0.0 (so that τ / α never gives -inf).
-
     ``source`` (not a field: not saved, not compared) is the file ``load`` / ``from_pretrained``
     read the schedule from, None for a schedule made in memory.
     """
 
     modalities: list[str]
     site_paths: list[str]
-    rule: str = "pi"
-    alpha: list[list[float]] | None = None
-    tau: list[float] | None = None
-    beta: list[list[float]] | None = None
-    kept_slots: list[list[int]] | None = None
+    rule: Rule
     top_k: int
     num_experts: int
     model_class: str
@@ -96,19 +73,9 @@ class Schedule:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
-        for name in _TABLE_FIELDS:
-            setattr(self, name, _as_list(getattr(self, name)))
         self.validate()
         self.modalities = list(self.modalities)
         self.site_paths = list(self.site_paths)
-        if self.alpha is not None:
-            self.alpha = [[float(a) + 0.0 for a in row] for row in self.alpha]
-        if self.tau is not None:
-            self.tau = [float(t) + 0.0 for t in self.tau]
-        if self.beta is not None:
-            self.beta = [[float(b) + 0.0 for b in row] for row in self.beta]
-        if self.kept_slots is not None:
-            self.kept_slots = [[int(k) for k in row] for row in self.kept_slots]
         self.fingerprint = dict(self.fingerprint)
         self.calibration = dict(self.calibration)
         self.source: str | None = None
@@ -143,8 +110,7 @@ class Schedule:
         return cls(
             modalities=columns,
             site_paths=[s.path for s in sites],
-            alpha=alpha,
-            tau=[tau.get(c, 0.0) for c in columns],
+            rule=PiRule(alpha=alpha, tau=[tau.get(c, 0.0) for c in columns]),
             top_k=_common(sites, "top_k"),
             num_experts=_common(sites, "num_experts"),
             model_class=type(model).__name__,
@@ -152,26 +118,22 @@ class Schedule:
             calibration={"method": "constant"},
         )
 
-    def with_rule(self, rule: str, **values) -> Schedule:
-        """This schedule's model fields with ``rule`` and its values (the fields RULE_FIELDS
-        names), e.g. ``s.with_rule("rank", kept_slots=[[1, 1], [2, 2]])``; the other rules'
-        fields, target_skip, measured_skip and calibration are cleared."""
-        cleared = dict.fromkeys(_TABLE_FIELDS)
-        return dataclasses.replace(
-            self, rule=rule, **{**cleared, **values}, target_skip=None, measured_skip=None, calibration={}
-        )
+    def with_rule(self, rule: Rule) -> Schedule:
+        """This schedule's header with ``rule``, e.g. ``s.with_rule(RankRule(kept_slots=[[1, 1],
+        [2, 2]]))``; target_skip, measured_skip and calibration are cleared."""
+        return dataclasses.replace(self, rule=rule, target_skip=None, measured_skip=None, calibration={})
 
     # ------------------------------------------------------------------------------------------
     # Validation
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the offending value or position when the
-        schedule is inconsistent (unknown rule, missing or extra rule values, shapes, NaN or
-        negative α/τ/β, kept_slots out of range, unknown modality, ...)."""
+        schedule is inconsistent (not a rule, rule values of the wrong shape or out of range,
+        unknown modality, ...)."""
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"format_version {self.format_version!r} is not supported (expected {FORMAT_VERSION})")
         for name in ("modalities", "site_paths"):
-            _check_list(name, getattr(self, name))
+            check_list(name, getattr(self, name))
         if not self.modalities or not all(isinstance(m, str) for m in self.modalities):
             raise ValueError(f"modalities must be a non-empty list of names, got {self.modalities!r}")
         try:
@@ -184,51 +146,9 @@ class Schedule:
         self._validate_rule()
 
     def _validate_rule(self) -> None:
-        if not isinstance(self.rule, str) or self.rule not in RULES:
-            raise ValueError(f"unknown rule {self.rule!r}; expected one of {', '.join(RULES)}")
-        needed = RULE_FIELDS[self.rule]
-        for name in _TABLE_FIELDS:
-            given = getattr(self, name) is not None
-            if name in needed and not given:
-                raise ValueError(f"missing {name}: rule {self.rule!r} takes {', '.join(needed)}")
-            if given and name not in needed:
-                raise ValueError(f"{name} does not apply to rule {self.rule!r}, which takes {', '.join(needed)}")
-        if self.rule == "pi":
-            self._validate_table("alpha", lambda where, a: _check_number(where, a, allow_inf=False))
-            self._validate_tau()
-        elif self.rule == "ratio_to_top1":
-            self._validate_table("beta", lambda where, b: _check_number(where, b, allow_inf=True))
-        else:
-            self._validate_table("kept_slots", self._check_kept)
-
-    def _validate_table(self, name: str, check_value) -> None:
-        """A [L][M] table: one row per MoE site, one value per column, each passing ``check_value``."""
-        table = getattr(self, name)
-        _check_list(name, table)
-        L, M = len(self.site_paths), len(self.modalities)
-        if len(table) != L:
-            raise ValueError(f"{name} has {len(table)} rows, site_paths has {L} MoE sites")
-        for l, row in enumerate(table):
-            _check_list(f"{name}[{l}]", row)
-            if len(row) != M:
-                raise ValueError(f"{name}[{l}] has {len(row)} values, modalities has {M} columns")
-            for c, value in enumerate(row):
-                check_value(f"{name}[{l}][{c}]", value)
-
-    def _check_kept(self, where: str, value) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= self.top_k:
-            raise ValueError(
-                f"{where} = {value!r} is out of range: rule 'rank' keeps an integer number of slots "
-                f"in [1, top_k={self.top_k}]"
-            )
-
-    def _validate_tau(self) -> None:
-        _check_list("tau", self.tau)
-        M = len(self.modalities)
-        if len(self.tau) != M:
-            raise ValueError(f"tau has {len(self.tau)} values, modalities has {M} columns")
-        for c, t in enumerate(self.tau):
-            _check_number(f"tau[{c}] ({self.modalities[c]})", t, allow_inf=True)
+        if not isinstance(self.rule, Rule):
+            raise ValueError(f"rule must be a skipping rule ({', '.join(c.__name__ for c in RULES.values())}), got {self.rule!r}")
+        self.rule.validate(len(self.site_paths), self.modalities, self.top_k)
 
     def _validate_scalars(self) -> None:
         for name in ("top_k", "num_experts"):
@@ -241,7 +161,7 @@ class Schedule:
             raise ValueError(f"model_class must be a class name, got {self.model_class!r}")
         for name in ("target_skip", "measured_skip"):
             value = getattr(self, name)
-            if value is not None and not (_is_real(value) and 0.0 <= value <= 1.0):
+            if value is not None and not (is_real(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be None or a ratio in [0, 1], got {value!r}")
         if not isinstance(self.fingerprint, Mapping) or not all(isinstance(v, str) for v in self.fingerprint.values()):
             raise ValueError(f"fingerprint must map names to hex digests, got {self.fingerprint!r}")
@@ -293,21 +213,10 @@ class Schedule:
     # Thresholds
 
     def thresholds(self) -> torch.Tensor:
-        """Threshold table float32 [L, M + 1] in units of the rule's score
-        (``kernels.reference.rule_scores``): a pair is skipped when its score is below it.
-
-        Column 0 (modality id 0, padding) is -inf: never skipped. Column c + 1 is, by rule:
-        "pi": τ[c] / α[l][c], so that α·π < τ ⟺ π < threshold: τ = 0 → 0 (never skip, π ≥ 0);
-        α = 0 with τ > 0 → +inf (always skip); τ = +inf → +inf. "ratio_to_top1": β[l][c].
-        "rank": top_k − kept_slots[l][c] (the score counts the slots ranked below a slot)."""
-        if self.rule == "pi":
-            alpha = torch.tensor(self.alpha, dtype=torch.float64)
-            tau = torch.tensor(self.tau, dtype=torch.float64).expand_as(alpha)
-            table = torch.where(tau == 0, torch.zeros_like(alpha), tau / alpha)
-        elif self.rule == "ratio_to_top1":
-            table = torch.tensor(self.beta, dtype=torch.float64)
-        else:
-            table = self.top_k - torch.tensor(self.kept_slots, dtype=torch.float64)
+        """Threshold table float32 [L, M + 1] in units of the rule's score (``Rule.scores``): a
+        pair is skipped when its score is below it. Column 0 (modality id 0, padding) is -inf:
+        never skipped; column c + 1 is the rule's ``thresholds`` column c."""
+        table = self.rule.thresholds(self.top_k)
         padding = torch.full((table.shape[0], 1), -math.inf, dtype=torch.float64)
         return torch.cat([padding, table], dim=1).to(torch.float32)
 
@@ -315,17 +224,15 @@ class Schedule:
     # JSON
 
     def to_dict(self) -> dict:
-        """The JSON document (format_version first; the fields of other rules left out; +inf
-        τ or β written as "inf")."""
+        """The JSON document: format_version first, the rule's name as "rule" followed by its
+        fields (``Rule.to_fields``: +inf τ or β written as "inf")."""
         doc = {"format_version": self.format_version}
         for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name != "format_version" and not (f.name in _TABLE_FIELDS and value is None):
-                doc[f.name] = copy.deepcopy(value)
-        if self.tau is not None:
-            doc["tau"] = [_INF if t == math.inf else t for t in self.tau]
-        if self.beta is not None:
-            doc["beta"] = [[_INF if b == math.inf else b for b in row] for row in self.beta]
+            if f.name == "rule":
+                doc["rule"] = self.rule.name
+                doc.update(self.rule.to_fields())
+            elif f.name != "format_version":
+                doc[f.name] = copy.deepcopy(getattr(self, f.name))
         return doc
 
     @classmethod
@@ -341,20 +248,17 @@ class Schedule:
             raise ValueError(
                 f"format_version {version!r} is not supported (expected one of {', '.join(map(str, READABLE_VERSIONS))})"
             )
-        names = {f.name for f in fields(cls)} - (set(_VERSION_2_FIELDS) if version == 1 else set())
+        header = {f.name for f in fields(cls)} - {"rule"}
+        names = header | (set(PiRule.field_names()) if version == 1 else {"rule", *RULE_VALUE_FIELDS})
         unknown = sorted(set(doc) - names)
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)} in a version {version} schedule")
-        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name != "rule"]
         missing = [name for name in required if name not in doc]
         if missing:
             raise ValueError(f"missing field(s) {', '.join(missing)}")
-        values = {**doc, "format_version": FORMAT_VERSION}
-        if isinstance(values.get("tau"), list):
-            values["tau"] = [_read_inf(t) for t in values["tau"]]
-        if isinstance(values.get("beta"), list):
-            values["beta"] = [[_read_inf(b) for b in row] if isinstance(row, list) else row for row in values["beta"]]
-        return cls(**values)
+        rule = rule_from_fields(doc.get("rule", PiRule.name), {k: v for k, v in doc.items() if k in RULE_VALUE_FIELDS})
+        return cls(**{**{k: v for k, v in doc.items() if k in header}, "format_version": FORMAT_VERSION}, rule=rule)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the schedule as strict JSON (no NaN/Infinity literals), indent 2, one α row per line."""
@@ -401,21 +305,21 @@ class Schedule:
     # Display
 
     def table(self) -> str:
-        """Human-readable summary: header (with the rule), τ per modality (rule "pi"), then the
-        rule's per-site values (α, β or kept slots) per MoE site (one row each)."""
+        """Human-readable summary: header (with the rule), the rule's per-column values (τ of
+        rule "pi"), then its per-site values (α, β or kept slots), one row per MoE site."""
         width = max(10, *(len(m) + 2 for m in self.modalities))
         head = "".join(f"{m:>{width}}" for m in self.modalities)
         lines = [
             f"Schedule for {self.model_class}: {len(self.site_paths)} MoE sites, top-{self.top_k} of "
-            f"{self.num_experts} experts, format {self.format_version}, rule {self.rule} ({_RULE_TEXT[self.rule]})",
+            f"{self.num_experts} experts, format {self.format_version}, rule {self.rule.name} ({self.rule.text})",
             f"skip ratio: target {_fmt_ratio(self.target_skip)}, measured {_fmt_ratio(self.measured_skip)}",
             f"{'':>6}{head}",
         ]
-        if self.rule == "pi":
-            lines.append(f"{'tau':>6}" + "".join(f"{_fmt(t):>{width}}" for t in self.tau))
-        name = RULE_FIELDS[self.rule][0]
+        for name, values in self.rule.column_values().items():
+            lines.append(f"{name:>6}" + "".join(f"{_fmt(v):>{width}}" for v in values))
+        name, rows = self.rule.site_values()
         lines.append(f"{name:<6}")
-        for l, (row, path) in enumerate(zip(getattr(self, name), self.site_paths)):
+        for l, (row, path) in enumerate(zip(rows, self.site_paths)):
             lines.append(f"{l:>6}" + "".join(f"{_fmt(a):>{width}}" for a in row) + f"  {path}")
         return "\n".join(lines)
 
@@ -423,41 +327,13 @@ class Schedule:
         return self.table()
 
 
-_TABLE_FIELDS = tuple(name for names in RULE_FIELDS.values() for name in names)
-_VERSION_2_FIELDS = ("rule", "beta", "kept_slots")
-
-
 # ----------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _read_inf(value):
-    return math.inf if value == _INF else value
 
 
 def _as_list(value):
     """Tensors and arrays become nested lists; anything else is returned as is."""
     return value.tolist() if hasattr(value, "tolist") else value
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_number(name: str, value, allow_inf: bool) -> None:
-    if not _is_real(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if math.isnan(value):
-        raise ValueError(f"{name} is NaN")
-    if value < 0:
-        raise ValueError(f"{name} = {value} is negative")
-    if math.isinf(value) and not allow_inf:
-        raise ValueError(f"{name} = {value} is not finite")
-
-
-def _check_list(name: str, value) -> None:
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        raise ValueError(f"{name} must be a list, got {value!r}")
 
 
 def _sites_or_raise(model: torch.nn.Module) -> list[MoESite]:

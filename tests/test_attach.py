@@ -41,7 +41,7 @@ def test_attach_accepts_a_schedule_path(qwen3_moe, tmp_path):
     path = tmp_path / "s.json"
     modes_fx.Schedule.constant(qwen3_moe, tau={"text": 0.25}).save(path)
     modes_fx.attach(qwen3_moe, str(path))
-    assert runtime.state_of(qwen3_moe).schedule.tau == [0.25]
+    assert runtime.state_of(qwen3_moe).schedule.rule.tau == (0.25,)
 
 
 def test_modality_ids_padding_and_decode(qwen3_moe):

@@ -12,6 +12,7 @@ import torch
 
 import modes_fx
 from modes_fx.calib.baselines import METHODS, BaselineTuner
+from modes_fx.rules import PiRule, RankRule, RatioToTop1Rule, rule_from_fields
 from modes_fx.schedule import Schedule
 from modes_fx.harness.testing import build, calibration_items, experts_modules, image_inputs
 
@@ -50,7 +51,7 @@ def tuned(tuner):
 def _run(tuner, schedule, items):
     """Logits of every item and the track() counts, with ``schedule`` in force on the tuner's
     compiled model (the runtime swap deployment uses: no recompilation)."""
-    tuner.session.state.set_thresholds(schedule.thresholds(), schedule.rule)
+    tuner.session.state.set_thresholds(schedule.thresholds(), type(schedule.rule))
     with torch.no_grad(), modes_fx.track() as stats:
         logits = [tuner.session.model(**_inputs(item)).logits for item in items]
     return logits, stats
@@ -92,30 +93,28 @@ def test_each_method_builds_the_schedule_it_describes(tuner, tuned):
     L, M = 2, 2
     top_k = tuned["top_k"]
     # 6 of L·M·(k-1) = 12 (layer, modality) slots: one per cell, one more on layer 1's: exactly 3/8
-    assert top_k.schedule.rule == "rank" and top_k.knob == 6
-    assert top_k.schedule.kept_slots == [[3, 3], [2, 2]] and top_k.skip == 3 / 8
+    assert top_k.schedule.rule == RankRule(kept_slots=[[3, 3], [2, 2]]) and top_k.knob == 6 and top_k.skip == 3 / 8
 
     uniform = tuned["uniform_threshold"].schedule
-    assert uniform.rule == "pi" and uniform.alpha == [[1.0] * M] * L and len(set(uniform.tau)) == 1
+    assert uniform.rule.name == "pi" and uniform.rule.alpha == ((1.0,) * M,) * L and len(set(uniform.rule.tau)) == 1
 
     dmt = tuned["dmt_without_gmlg"].schedule
-    assert dmt.rule == "pi" and dmt.alpha == [[1 / L] * M] * L
-    assert dmt.tau == list(tuned["dmt_without_gmlg"].knob)  # frontier methods: τ per modality
+    assert dmt.rule == PiRule(alpha=[[1 / L] * M] * L, tau=tuned["dmt_without_gmlg"].knob)  # frontier methods: τ per modality
 
     gmlg = tuned["gmlg_one_threshold"].schedule
-    assert gmlg.alpha == tuner.gmlg_alpha and len(set(gmlg.tau)) == 1
+    assert gmlg.rule == PiRule(alpha=tuner.gmlg_alpha, tau=gmlg.rule.tau) and len(set(gmlg.rule.tau)) == 1
     modes = tuned["modes"]
-    assert modes.schedule.alpha == tuner.gmlg_alpha and modes.schedule.tau == list(modes.knob)
+    assert modes.schedule.rule == PiRule(alpha=tuner.gmlg_alpha, tau=modes.knob)
 
     naee = tuned["naee"]
-    assert naee.schedule.rule == "ratio_to_top1"
-    assert naee.schedule.beta == [[naee.knob * m] * M for m in tuner.ratio_medians]
+    assert naee.schedule.rule == RatioToTop1Rule(beta=[[naee.knob * m] * M for m in tuner.ratio_medians])
 
     mc_moe = tuned["mc_moe"]
     layers = mc_moe.schedule.calibration["layers"]
     assert layers == sorted(tuner.layers_by_sensitivity[: len(layers)])
-    for l, row in enumerate(mc_moe.schedule.beta):
-        assert row == ([mc_moe.knob * tuner.ratio_medians[l]] * M if l in layers else [0.0] * M)
+    assert mc_moe.schedule.rule.name == "ratio_to_top1"
+    for l, row in enumerate(mc_moe.schedule.rule.beta):
+        assert row == ((mc_moe.knob * tuner.ratio_medians[l],) * M if l in layers else (0.0,) * M)
 
 
 def test_mc_moe_keeps_the_lowest_kl_layer_count(tuner, tuned):
@@ -251,7 +250,7 @@ def test_rules_through_the_modes_backend_equal_a_hook_emulation_under_graph_reus
         with torch.no_grad(), hooked(reference, drop) as (_, counts):
             expected = reference(**inputs).logits
         assert 0 < counts["skipped"] < counts["total"]
-        (got,), stats = _run(tuner, tuner.base.with_rule(rule, **values), [inputs])
+        (got,), stats = _run(tuner, tuner.base.with_rule(rule_from_fields(rule, values)), [inputs])
         assert (stats.skipped, stats.kept + stats.skipped) == (counts["skipped"], counts["total"]), rule
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert len(modes_fx.last_report().rewrites) == 1  # one rewritten graph for both layers

@@ -9,8 +9,9 @@ import modes_fx
 from modes_fx.calib import GridSpec, calibrate, evaluate_schedule, layer_importance
 from modes_fx.calib import session as session_module
 from modes_fx.calib.data import prepare
-from modes_fx.harness.testing import build, calibration_items
 from modes_fx.compiled import compiled_forward, compiled_forward_as
+from modes_fx.harness.testing import build, calibration_items
+from modes_fx.rules import PiRule
 
 GRID = GridSpec(points=8, mapping="linear", tau_max={"text": 0.6, "vision": 0.6})
 TARGET = 0.5
@@ -35,14 +36,15 @@ def schedule(model, data):
 
 def test_alpha_has_one_nonnegative_value_per_layer_and_modality_summing_to_one(schedule):
     assert schedule.modalities == ["text", "vision"]
-    assert len(schedule.alpha) == 2 and all(len(row) == 2 for row in schedule.alpha)
-    assert all(a >= 0 for row in schedule.alpha for a in row)
+    alpha = schedule.rule.alpha
+    assert len(alpha) == 2 and all(len(row) == 2 for row in alpha)
+    assert all(a >= 0 for row in alpha for a in row)
     for m in range(2):
-        assert math.isclose(sum(row[m] for row in schedule.alpha), 1.0, rel_tol=1e-9)
+        assert math.isclose(sum(row[m] for row in alpha), 1.0, rel_tol=1e-9)
 
 
 def test_layer_importance_alone_matches_calibrate(model, data, schedule):
-    assert layer_importance(model, data, progress=False) == schedule.alpha
+    assert PiRule(alpha=layer_importance(model, data, progress=False), tau=schedule.rule.tau) == schedule.rule
 
 
 def test_deployed_schedule_reaches_the_searched_skip_and_kl(model, data, schedule):

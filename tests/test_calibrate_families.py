@@ -42,12 +42,12 @@ def test_calibrated_schedule_meets_its_target_when_deployed(name, modalities, se
     grid = GridSpec(points=POINTS, mapping="linear", tau_max={c: 0.6 for c in columns})
     schedule = calibrate(model, data, target_skip=TARGET, modalities=modalities, grid=grid, progress=False)
 
-    assert schedule.modalities == columns and len(schedule.tau) == len(columns)
+    assert schedule.modalities == columns and len(schedule.rule.tau) == len(columns)
     for m in range(len(columns)):
-        assert math.isclose(sum(row[m] for row in schedule.alpha), 1.0, rel_tol=1e-9)
+        assert math.isclose(sum(row[m] for row in schedule.rule.alpha), 1.0, rel_tol=1e-9)
     assert schedule.calibration["search"] == search
     frontier = schedule.calibration["frontier"]
-    assert schedule.calibration["passes"] == 1 + len(schedule.alpha) * len(columns) + len(frontier)
+    assert schedule.calibration["passes"] == 1 + len(schedule.rule.alpha) * len(columns) + len(frontier)
     assert len(frontier) < POINTS ** len(columns)  # never the whole grid
     assert schedule.measured_skip >= TARGET
 

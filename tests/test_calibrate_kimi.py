@@ -24,9 +24,9 @@ def test_calibrated_schedule_meets_its_target_when_deployed(name):
 
     assert schedule.model_class == "Kimi_K25ForConditionalGeneration"
     assert schedule.modalities == ["text", "vision"]
-    assert len(schedule.alpha) == SIGMOID_MOE_LAYERS
+    assert len(schedule.rule.alpha) == SIGMOID_MOE_LAYERS
     for m in range(2):
-        assert math.isclose(sum(row[m] for row in schedule.alpha), 1.0, rel_tol=1e-9)
+        assert math.isclose(sum(row[m] for row in schedule.rule.alpha), 1.0, rel_tol=1e-9)
     assert schedule.measured_skip >= TARGET and schedule.calibration["kl"] > 0
 
     modes_fx.attach(model, schedule)

@@ -39,13 +39,13 @@ def test_calibrate_command_with_defaults_reaches_the_target_on_two_moe_layers(sa
             "--points", str(POINTS), "--cache-dir", str(saved / "cache"), "--out", str(out)]
     assert cli.main(argv) == 0
     schedule = modes_fx.Schedule.load(out)
-    assert len(schedule.alpha) == 2 and schedule.modalities == ["text"]
+    assert len(schedule.rule.alpha) == 2 and schedule.modalities == ["text"]
     assert target <= schedule.measured_skip <= target + STEP
     grid = schedule.calibration["grid"]
     assert grid["mapping"] == "scores" and grid["points"] == POINTS
     taus = grid["taus"]["text"]
     assert taus[0] == 0.0 and taus == sorted(set(taus)) and 2 < len(taus) <= POINTS
-    assert taus[-1] > max(row[0] for row in schedule.alpha)  # the top point skips every pair
+    assert taus[-1] > max(row[0] for row in schedule.rule.alpha)  # the top point skips every pair
     assert "saved" in capsys.readouterr().out
 
 

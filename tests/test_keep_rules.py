@@ -1,5 +1,5 @@
 """The skipping rules ("pi", "ratio_to_top1", "rank"): the keep mask a Schedule's threshold table
-gives (kernels.reference.keep_mask, AttachedState.keep_mask) against a per-token reference
+gives (Rule.keep_mask, AttachedState.keep_mask) against a per-token reference
 written from each rule's definition, and the rules' invariants."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import modes_fx
 from modes_fx import runtime
-from modes_fx.kernels.reference import keep_mask
+from modes_fx.rules import RULES, RankRule, RatioToTop1Rule, rule_from_fields, rule_named
 from modes_fx.schedule import Schedule
 from modes_fx.harness.testing import build
 
@@ -27,8 +27,7 @@ def schedule_of(rule: str, values: list[list[float]], top_k: int) -> Schedule:
     return Schedule(
         modalities=MODALITIES,
         site_paths=[f"model.layers.{l}.mlp" for l in range(len(values))],
-        rule=rule,
-        **fields,
+        rule=rule_from_fields(rule, fields),
         top_k=top_k,
         num_experts=16,
         model_class="Qwen3VLMoeForConditionalGeneration",
@@ -41,16 +40,16 @@ def reference_keep(schedule: Schedule, site: int, pi: list[float], modality_id: 
     if modality_id == 0:
         return [True] * len(pi)
     column = modality_id - 1
-    if schedule.rule == "rank":
-        kept = sorted(range(len(pi)), key=lambda j: (-pi[j], j))[: schedule.kept_slots[site][column]]
+    if schedule.rule.name == "rank":
+        kept = sorted(range(len(pi)), key=lambda j: (-pi[j], j))[: schedule.rule.kept_slots[site][column]]
         return [j in kept for j in range(len(pi))]
-    if schedule.rule == "pi":
-        pairs = [(schedule.alpha[site][column] * p, schedule.tau[column]) for p in pi]
+    if schedule.rule.name == "pi":
+        pairs = [(schedule.rule.alpha[site][column] * p, schedule.rule.tau[column]) for p in pi]
     else:
         top = max(pi)
-        pairs = [(p, schedule.beta[site][column] * top) for p in pi]
+        pairs = [(p, schedule.rule.beta[site][column] * top) for p in pi]
     keep = [None if math.isclose(lhs, rhs, rel_tol=1e-5, abs_tol=1e-12) else not lhs < rhs for lhs, rhs in pairs]
-    if schedule.rule == "ratio_to_top1":
+    if schedule.rule.name == "ratio_to_top1":
         keep[pi.index(max(pi))] = True
     return keep
 
@@ -58,7 +57,7 @@ def reference_keep(schedule: Schedule, site: int, pi: list[float], modality_id: 
 @st.composite
 def cases(draw):
     """(schedule, site, scores float32 [T, k], modality ids int64 [T])."""
-    rule = draw(st.sampled_from(["pi", "ratio_to_top1", "rank"]))
+    rule = draw(st.sampled_from(list(RULES)))
     top_k = draw(st.integers(1, 6))
     L = draw(st.integers(1, 3))
     value = {
@@ -81,7 +80,7 @@ def cases(draw):
 @given(case=cases())
 def test_keep_mask_of_every_rule_matches_the_per_token_reference(case):
     schedule, site, scores, modality_ids = case
-    keep = keep_mask(scores, modality_ids, schedule.thresholds()[site], schedule.rule)
+    keep = schedule.rule.keep_mask(scores, modality_ids, schedule.thresholds()[site])
     assert keep.dtype == torch.bool and keep.shape == scores.shape
     for t in range(scores.shape[0]):
         expected = reference_keep(schedule, site, scores[t].tolist(), int(modality_ids[t]))
@@ -95,16 +94,16 @@ def test_keep_mask_of_every_rule_matches_the_per_token_reference(case):
 def test_a_more_aggressive_value_only_removes_pairs(case, column, step):
     """Raising α·τ's threshold (lower α), β, or lowering k' never brings back a skipped pair."""
     schedule, site, scores, modality_ids = case
-    values = [list(row) for row in getattr(schedule, VALUES_FIELD[schedule.rule])]
-    if schedule.rule == "pi":
+    values = [list(row) for row in getattr(schedule.rule, VALUES_FIELD[schedule.rule.name])]
+    if schedule.rule.name == "pi":
         values[site][column] *= 1.0 - step
-    elif schedule.rule == "ratio_to_top1":
+    elif schedule.rule.name == "ratio_to_top1":
         values[site][column] += step
     else:
         values[site][column] = max(1, values[site][column] - round(step * schedule.top_k))
-    harder = schedule_of(schedule.rule, values, schedule.top_k)
-    keep = keep_mask(scores, modality_ids, schedule.thresholds()[site], schedule.rule)
-    keep_harder = keep_mask(scores, modality_ids, harder.thresholds()[site], schedule.rule)
+    harder = schedule_of(schedule.rule.name, values, schedule.top_k)
+    keep = schedule.rule.keep_mask(scores, modality_ids, schedule.thresholds()[site])
+    keep_harder = harder.rule.keep_mask(scores, modality_ids, harder.thresholds()[site])
     assert not (keep_harder & ~keep).any()
     untouched = modality_ids != column + 1
     assert torch.equal(keep_harder[untouched], keep[untouched])
@@ -114,31 +113,31 @@ def test_a_more_aggressive_value_only_removes_pairs(case, column, step):
 @given(case=cases())
 def test_rule_invariants(case):
     schedule, site, scores, modality_ids = case
-    keep = keep_mask(scores, modality_ids, schedule.thresholds()[site], schedule.rule)
+    keep = schedule.rule.keep_mask(scores, modality_ids, schedule.thresholds()[site])
     assert keep[modality_ids == 0].all()  # padding is never skipped
-    if schedule.rule == "rank":
-        kept = torch.tensor([schedule.kept_slots[site][int(m) - 1] if m > 0 else schedule.top_k for m in modality_ids])
+    if schedule.rule.name == "rank":
+        kept = torch.tensor([schedule.rule.kept_slots[site][int(m) - 1] if m > 0 else schedule.top_k for m in modality_ids])
         assert torch.equal(keep.sum(dim=1), kept.reshape(-1))  # exactly k' slots per token
-    if schedule.rule != "pi" and scores.shape[0]:
+    if schedule.rule.name != "pi" and scores.shape[0]:
         assert keep.gather(1, scores.argmax(dim=1, keepdim=True)).all()  # top-1 never skipped
 
 
 def test_ratio_rule_keeps_top1_even_with_infinite_beta_and_a_nan_keeps_its_row():
     scores = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6], [math.nan, 0.5, 0.5]])
     thresholds = torch.tensor([-math.inf, math.inf])
-    keep = keep_mask(scores, torch.ones(3, dtype=torch.int64), thresholds, "ratio_to_top1")
+    keep = RatioToTop1Rule.keep_mask(scores, torch.ones(3, dtype=torch.int64), thresholds)
     assert keep.tolist() == [[True, False, False], [False, False, True], [True, True, True]]
 
 
 def test_rank_ties_keep_the_earlier_slot():
     scores = torch.tensor([[0.25, 0.25, 0.25, 0.25]])
-    keep = keep_mask(scores, torch.ones(1, dtype=torch.int64), torch.tensor([-math.inf, 2.0]), "rank")
+    keep = RankRule.keep_mask(scores, torch.ones(1, dtype=torch.int64), torch.tensor([-math.inf, 2.0]))
     assert keep.tolist() == [[True, True, False, False]]
 
 
 def test_unknown_rules_are_rejected():
-    with pytest.raises(ValueError, match=r"unknown skipping rule 'median'; expected one of pi, ratio_to_top1, rank"):
-        keep_mask(torch.rand(2, 2), torch.ones(2, dtype=torch.int64), torch.zeros(2), "median")
+    with pytest.raises(ValueError, match=r"unknown rule 'median'; expected one of pi, ratio_to_top1, rank"):
+        rule_named("median")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +158,7 @@ def model():
     ],
 )
 def test_attached_state_applies_each_sites_row_of_the_attached_rule(model, rule, values):
-    schedule = Schedule.constant(model, {}, modalities=MODALITIES).with_rule(rule, **values)
+    schedule = Schedule.constant(model, {}, modalities=MODALITIES).with_rule(rule_from_fields(rule, values))
     modes_fx.attach(model, schedule)
     try:
         state = runtime.state_of(model)

@@ -12,7 +12,8 @@ from test_op_masked_experts import make_case, per_token_reference
 
 from modes_fx.kernels import fast
 from modes_fx.kernels.fast import DECODE_TOKENS, masked_experts_fast
-from modes_fx.kernels.reference import keep_mask, masked_experts_reference
+from modes_fx.kernels.reference import masked_experts_reference
+from modes_fx.rules import PiRule
 
 ACTIVATIONS = ("silu", "gelu", "relu", "gelu_pytorch_tanh")
 # token counts on both sides of the decode fast path, including T = 0 and 1
@@ -26,7 +27,7 @@ def modality_keep(seed: int, top_k_weights: torch.Tensor, mix: tuple[int, ...], 
     order = torch.randperm(tokens, generator=torch.Generator().manual_seed(seed))
     modality_ids = torch.tensor([mix[i % len(mix)] for i in range(tokens)], dtype=torch.int64)[order]
     thresholds = torch.tensor([-math.inf, *taus], dtype=torch.float32)
-    return keep_mask(top_k_weights.float(), modality_ids, thresholds)
+    return PiRule.keep_mask(top_k_weights.float(), modality_ids, thresholds)
 
 
 case = st.fixed_dictionaries(

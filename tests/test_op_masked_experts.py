@@ -1,4 +1,4 @@
-"""Property tests of ``modes::masked_experts`` and ``keep_mask``."""
+"""Property tests of ``modes::masked_experts`` and ``PiRule.keep_mask``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-from modes_fx.kernels.reference import keep_mask
+from modes_fx.rules import PiRule
 from modes_fx.ops import masked_experts
 
 ACTIVATIONS = {
@@ -263,7 +263,7 @@ def test_keep_mask_properties(seed, tokens, top_k, num_modalities, bump_modality
     scores = torch.where(ties, thresholds[modality_ids][:, None].expand_as(scores), scores)
     scores[torch.rand(tokens, top_k, generator=g) < 0.1] = float("nan")
 
-    keep = keep_mask(scores, modality_ids, thresholds)
+    keep = PiRule.keep_mask(scores, modality_ids, thresholds)
     assert keep.dtype == torch.bool and keep.shape == scores.shape
     for t in range(tokens):
         for j in range(top_k):
@@ -279,14 +279,14 @@ def test_keep_mask_properties(seed, tokens, top_k, num_modalities, bump_modality
     modality = min(bump_modality, num_modalities)
     higher = thresholds.clone()
     higher[modality] += bump
-    keep_higher = keep_mask(scores, modality_ids, higher)
+    keep_higher = PiRule.keep_mask(scores, modality_ids, higher)
     assert not (keep_higher & ~keep).any()
     assert torch.equal(keep_higher[modality_ids != modality], keep[modality_ids != modality])
 
     # +inf skips every (non-NaN) pair of that modality
     infinite = thresholds.clone()
     infinite[modality] = math.inf
-    keep_inf = keep_mask(scores, modality_ids, infinite)
+    keep_inf = PiRule.keep_mask(scores, modality_ids, infinite)
     rows = modality_ids == modality
     assert torch.equal(keep_inf[rows], scores[rows].isnan())
 
@@ -297,7 +297,7 @@ def test_compiled_inductor_dynamic_matches_eager():
     thresholds = torch.tensor([-math.inf, 0.3, 0.6])
 
     def fn(hidden, top_k_index, scores, modality_ids, thresholds, gate_up_proj, down_proj):
-        keep = keep_mask(scores, modality_ids, thresholds)
+        keep = PiRule.keep_mask(scores, modality_ids, thresholds)
         out = masked_experts(hidden * 2.0, top_k_index, scores, keep, gate_up_proj, down_proj, "silu")
         return out + hidden
 
@@ -314,7 +314,7 @@ def test_compiled_inductor_dynamic_matches_eager():
         else:  # a new token count must reuse the dynamic-shape graph
             with torch.compiler.set_stance("fail_on_recompile"):
                 got = compiled(*args)
-        keep = keep_mask(scores, modality_ids, thresholds)
+        keep = PiRule.keep_mask(scores, modality_ids, thresholds)
         assert keep.any() and not keep.all()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

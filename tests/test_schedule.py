@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from extra_models import extra_model
-from modes_fx.schedule import FORMAT_VERSION, RULE_FIELDS, Schedule
 from modes_fx.harness.testing import build
+from modes_fx.rules import RULES, PiRule, RankRule, rule_from_fields
+from modes_fx.schedule import FORMAT_VERSION, Schedule
 
 # ----------------------------------------------------------------------------------------------
 # Tiny models (random weights, no downloads): modes_fx.harness.testing, plus a dense Llama
@@ -28,18 +29,26 @@ def vl_model():
     return build("qwen3_vl_moe")
 
 
+RULE_VALUES = ("alpha", "tau", "beta", "kept_slots")
+
+
 def make(**overrides) -> Schedule:
-    """A valid 2-site, 2-column schedule, fields overridden."""
+    """A valid 2-site, 2-column schedule, fields overridden; ``rule`` (a name, default "pi") and
+    the rule values (alpha, tau, beta, kept_slots; None: not given) build its rule."""
     fields = dict(
         modalities=["text", "vision"],
         site_paths=["model.layers.0.mlp", "model.layers.1.mlp"],
+        rule="pi",
         alpha=[[0.25, 0.5], [0.75, 0.5]],
         tau=[0.1, 0.2],
         top_k=2,
         num_experts=4,
         model_class="MixtralForCausalLM",
     )
-    return Schedule(**{**fields, **overrides})
+    fields = {**fields, **overrides}
+    values = {name: fields.pop(name) for name in RULE_VALUES if name in fields}
+    rule = rule_from_fields(fields.pop("rule"), {k: v for k, v in values.items() if v is not None})
+    return Schedule(**fields, rule=rule)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,8 +70,8 @@ def test_constant_vision_takes_the_place_of_image_and_video():
 
 def test_constant_fills_the_model_fields(vl_model):
     s = Schedule.constant(vl_model, {"text": 0.1, "image": math.inf})
-    assert s.tau == [0.1, math.inf, 0.0]
-    assert s.alpha == [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
+    assert s.rule == PiRule(alpha=[[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]], tau=[0.1, math.inf, 0.0])
+    assert s.rule.tau == (0.1, math.inf, 0.0)
     assert s.site_paths == ["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp"]
     assert (s.top_k, s.num_experts, s.model_class) == (2, 8, "Qwen3VLMoeForConditionalGeneration")
     assert set(s.fingerprint) == {"architecture", "weights"}
@@ -71,14 +80,14 @@ def test_constant_fills_the_model_fields(vl_model):
 
 def test_constant_alpha_as_list_or_by_column(vl_model):
     by_list = Schedule.constant(vl_model, {"text": 0.1}, alpha=[[0.1, 0.2, 0.3], [0.9, 0.8, 0.7]])
-    assert by_list.alpha == [[0.1, 0.2, 0.3], [0.9, 0.8, 0.7]]
+    assert by_list.rule.alpha == ((0.1, 0.2, 0.3), (0.9, 0.8, 0.7))
     by_column = Schedule.constant(vl_model, {"text": 0.1}, alpha={"image": [0.2, 0.8]})
-    assert by_column.alpha == [[0.5, 0.2, 0.5], [0.5, 0.8, 0.5]]
+    assert by_column.rule.alpha == ((0.5, 0.2, 0.5), (0.5, 0.8, 0.5))
 
 
 def test_constant_explicit_modalities(mixtral):
     s = Schedule.constant(mixtral, {"vision": 0.3}, modalities=["text", "vision"])
-    assert (s.modalities, s.tau) == (["text", "vision"], [0.0, 0.3])
+    assert (s.modalities, s.rule.tau) == (["text", "vision"], (0.0, 0.3))
 
 
 def test_constant_rejects_an_unknown_column(vl_model, mixtral):
@@ -141,19 +150,25 @@ def test_invalid_schedules_are_rejected_naming_the_problem(overrides, message):
         make(**overrides)
 
 
+def test_a_schedule_needs_a_rule_object():
+    fields = {f: getattr(make(), f) for f in ("modalities", "site_paths", "top_k", "num_experts", "model_class")}
+    with pytest.raises(ValueError, match=r"rule must be a skipping rule \(PiRule, RatioToTop1Rule, RankRule\), got 'pi'"):
+        Schedule(**fields, rule="pi")
+
+
 def test_validate_catches_later_mutation():
     s = make()
     s.validate()
-    s.tau[1] = math.nan
+    s.rule = PiRule(alpha=s.rule.alpha, tau=[0.1, math.nan])  # rule values are checked against the header
     with pytest.raises(ValueError, match=r"tau\[1\] \(vision\) is NaN"):
         s.validate()
 
 
 def test_constructor_normalises_numbers():
     s = make(alpha=torch.tensor([[0.25, -0.0], [0.75, 1.0]], dtype=torch.float64), tau=(0.1, 1))
-    assert s.alpha == [[0.25, 0.0], [0.75, 1.0]]
-    assert math.copysign(1.0, s.alpha[0][1]) == 1.0  # -0.0 stored as 0.0
-    assert s.tau == [0.1, 1.0] and all(type(t) is float for t in s.tau)
+    assert s.rule.alpha == ((0.25, 0.0), (0.75, 1.0))
+    assert math.copysign(1.0, s.rule.alpha[0][1]) == 1.0  # -0.0 stored as 0.0
+    assert s.rule.tau == (0.1, 1.0) and all(type(t) is float for t in s.rule.tau)
     assert s.thresholds()[0, 2] == math.inf  # α = -0.0, τ > 0: always skip, not -inf
 
 
@@ -302,7 +317,7 @@ def schedules(draw) -> Schedule:
     def table(values):
         return draw(st.lists(st.lists(values, min_size=len(columns), max_size=len(columns)), min_size=L, max_size=L))
 
-    rule = draw(st.sampled_from(sorted(RULE_FIELDS)))
+    rule = draw(st.sampled_from(sorted(RULES)))
     if rule == "pi":
         values = {"alpha": table(finite), "tau": draw(st.lists(st.one_of(finite, st.just(math.inf)), min_size=len(columns), max_size=len(columns)))}
     elif rule == "ratio_to_top1":
@@ -312,8 +327,7 @@ def schedules(draw) -> Schedule:
     return Schedule(
         modalities=columns,
         site_paths=[f"model.layers.{i}.mlp" for i in range(L)],
-        rule=rule,
-        **values,
+        rule=rule_from_fields(rule, values),
         top_k=top_k,
         num_experts=num_experts,
         model_class=draw(st.sampled_from(["MixtralForCausalLM", "Qwen3VLMoeForConditionalGeneration"])),
@@ -332,8 +346,8 @@ def test_random_schedules_round_trip_exactly(schedule, tmp_path):
     loaded = Schedule.load(path)
     assert loaded == schedule
     for name in ("alpha", "beta"):
-        if getattr(schedule, name) is not None:
-            assert [[a.hex() for a in row] for row in getattr(loaded, name)] == [[a.hex() for a in row] for row in getattr(schedule, name)]
+        if hasattr(schedule.rule, name):
+            assert [[a.hex() for a in row] for row in getattr(loaded.rule, name)] == [[a.hex() for a in row] for row in getattr(schedule.rule, name)]
     assert torch.equal(loaded.thresholds(), schedule.thresholds())
 
 
@@ -439,13 +453,13 @@ def test_rule_thresholds_are_beta_and_slots_to_skip():
 
 def test_with_rule_keeps_the_model_fields_and_clears_the_rest():
     s = make(target_skip=0.5, measured_skip=0.49, calibration={"kl": 0.1})
-    rank = s.with_rule("rank", kept_slots=[[1, 1], [2, 2]])
-    assert (rank.rule, rank.alpha, rank.tau, rank.kept_slots) == ("rank", None, None, [[1, 1], [2, 2]])
+    rank = s.with_rule(RankRule(kept_slots=[[1, 1], [2, 2]]))
+    assert rank.rule == RankRule(kept_slots=((1, 1), (2, 2)))
     assert (rank.site_paths, rank.modalities, rank.top_k, rank.model_class) == (s.site_paths, s.modalities, 2, s.model_class)
     assert (rank.target_skip, rank.measured_skip, rank.calibration) == (None, None, {})
-    assert rank.with_rule("pi", alpha=s.alpha, tau=s.tau) == s.with_rule("pi", alpha=s.alpha, tau=s.tau)
-    with pytest.raises(ValueError, match=r"missing beta"):
-        s.with_rule("ratio_to_top1")
+    assert rank.with_rule(s.rule) == s.with_rule(s.rule)
+    with pytest.raises(ValueError, match=r"kept_slots\[1\]\[0\] = 3 is out of range"):
+        s.with_rule(RankRule(kept_slots=[[1, 1], [3, 2]]))
 
 
 def test_rule_schedules_save_only_their_own_fields(tmp_path):
@@ -483,7 +497,7 @@ def test_version_1_files_still_load_as_pi_schedules(tmp_path):
     path.write_text(V1_FILE)
     loaded = Schedule.load(path)
     assert loaded == make(tau=[0.1, math.inf], target_skip=0.5, calibration={"method": "constant"})
-    assert (loaded.rule, loaded.format_version) == ("pi", FORMAT_VERSION)
+    assert (loaded.rule.name, loaded.format_version) == ("pi", FORMAT_VERSION)
     assert loaded.thresholds()[:, 1].tolist() == pytest.approx([0.4, 0.1 / 0.75])
     again = tmp_path / "v2.json"
     loaded.save(again)

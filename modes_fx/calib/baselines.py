@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modes_fx.kernels.reference import rule_scores
+from modes_fx.rules import RankRule, RatioToTop1Rule
 from modes_fx.schedule import Schedule
 
 from .calibrate import GridSpec, search_thresholds
@@ -58,7 +58,6 @@ from .measure import Measurement
 from .session import CalibrationSession, default_modalities
 
 _EPS = 1e-9  # float slack of the tolerance check: 0.88 - 0.875 is 0.0050000000000000044
-METHODS = ("top_k", "uniform_threshold", "dmt_without_gmlg", "gmlg_one_threshold", "naee", "mc_moe", "modes")
 
 
 @dataclass
@@ -184,7 +183,7 @@ class BaselineTuner:
         def observe(site: int, scores: torch.Tensor, modality_ids: torch.Tensor) -> None:
             scores = scores[modality_ids > 0].float()
             tail = torch.ones_like(scores, dtype=torch.bool).scatter_(1, scores.argmax(dim=1, keepdim=True), False)
-            ratios[site].append(rule_scores(scores, "ratio_to_top1")[tail].cpu())
+            ratios[site].append(RatioToTop1Rule.scores(scores)[tail].cpu())
 
         with self.session.state.observing_scores(observe):
             self.session.measure_schedule(self.base)
@@ -214,12 +213,7 @@ class BaselineTuner:
             raise ValueError(f"target skip ratio must be in (0, 1) exclusive, got {target!r}")
         start = self.passes
         details: dict = {}
-        if method == "mc_moe":
-            found = self._tune_mc_moe(target, details)
-        elif method in ("dmt_without_gmlg", "modes"):
-            found = self._tune_frontier(method, target)
-        else:
-            found = self.bisect(self.knob(method), target)
+        found = _TUNERS[method](self, target, details)
         m = found.measurement
         reached = self._within(m.skip, target)
         passes = self.passes - start
@@ -244,21 +238,29 @@ class BaselineTuner:
     def knob(self, method: str) -> Knob:
         """The knob of a single-knob method: ``top_k``, ``uniform_threshold``,
         ``gmlg_one_threshold`` or ``naee`` (``mc_moe`` has one ``ratio_knob`` per layer count)."""
+        if method not in _KNOBS:
+            raise ValueError(f"method {method!r} has no single knob")
+        return _KNOBS[method](self)
+
+    def _top_k_knob(self) -> Knob:
+        """Rank rule: knob s slots skipped in all, spread over the (layer, modality) cells."""
         L, M, k = len(self.base.site_paths), len(self.base.modalities), self.base.top_k
-        if method == "top_k":
 
-            def kept(s: float) -> Schedule:
-                skipped = _spread(int(s), L * M)  # (layer, modality) cells, layer-major
-                return self.base.with_rule("rank", kept_slots=[[k - skipped[l * M + m] for m in range(M)] for l in range(L)])
+        def kept(s: float) -> Schedule:
+            skipped = _spread(int(s), L * M)  # (layer, modality) cells, layer-major
+            return self.base.with_rule(RankRule(kept_slots=[[k - skipped[l * M + m] for m in range(M)] for l in range(L)]))
 
-            return Knob(kept, 0, L * M * (k - 1), integer=True)
-        if method == "uniform_threshold":
-            return self._threshold_knob([[1.0] * M for _ in range(L)])
-        if method == "gmlg_one_threshold":
-            return self._threshold_knob(self.gmlg_alpha)
-        if method == "naee":
-            return self.ratio_knob(range(L))
-        raise ValueError(f"method {method!r} has no single knob")
+        return Knob(kept, 0, L * M * (k - 1), integer=True)
+
+    def _uniform_threshold_knob(self) -> Knob:
+        L, M = len(self.base.site_paths), len(self.base.modalities)
+        return self._threshold_knob([[1.0] * M for _ in range(L)])
+
+    def _gmlg_one_threshold_knob(self) -> Knob:
+        return self._threshold_knob(self.gmlg_alpha)
+
+    def _naee_knob(self) -> Knob:
+        return self.ratio_knob(range(len(self.base.site_paths)))
 
     def ratio_knob(self, layers: Iterable[int]) -> Knob:
         """Ratio rule β_l = c · median_l on ``layers`` (β = 0, nothing skipped, elsewhere); knob c
@@ -273,7 +275,7 @@ class BaselineTuner:
 
         def schedule(c: float) -> Schedule:
             beta = [[c * median if l in layers else 0.0] * M for l, median in enumerate(medians)]
-            return self.base.with_rule("ratio_to_top1", beta=beta)
+            return self.base.with_rule(RatioToTop1Rule(beta=beta))
 
         return Knob(schedule, 0.0, 2.0 / min(positive))
 
@@ -358,6 +360,37 @@ class BaselineTuner:
     def _measure(self, schedule: Schedule) -> Measurement:
         self.passes += 1
         return self.session.measure_schedule(schedule)
+
+
+_KNOBS: dict[str, Callable[[BaselineTuner], Knob]] = {
+    "top_k": BaselineTuner._top_k_knob,
+    "uniform_threshold": BaselineTuner._uniform_threshold_knob,
+    "gmlg_one_threshold": BaselineTuner._gmlg_one_threshold_knob,
+    "naee": BaselineTuner._naee_knob,
+}
+"""The single-knob methods: name → the tuner's knob of that method."""
+
+
+def _bisected(method: str) -> Callable[[BaselineTuner, float, dict], KnobSearch]:
+    return lambda tuner, target, details: tuner.bisect(tuner.knob(method), target)
+
+
+def _frontier(method: str) -> Callable[[BaselineTuner, float, dict], KnobSearch]:
+    return lambda tuner, target, details: tuner._tune_frontier(method, target)
+
+
+_TUNERS: dict[str, Callable[[BaselineTuner, float, dict], KnobSearch]] = {
+    "top_k": _bisected("top_k"),
+    "uniform_threshold": _bisected("uniform_threshold"),
+    "dmt_without_gmlg": _frontier("dmt_without_gmlg"),
+    "gmlg_one_threshold": _bisected("gmlg_one_threshold"),
+    "naee": _bisected("naee"),
+    "mc_moe": BaselineTuner._tune_mc_moe,
+    "modes": _frontier("modes"),
+}
+"""How each method is tuned: name → f(tuner, target, details) → KnobSearch (``details``: extra
+calibration metadata the method records)."""
+METHODS = tuple(_TUNERS)
 
 
 def _plain(knob: float | tuple[float, ...]) -> float | list[float]:

@@ -12,6 +12,7 @@ from modes_fx import runtime
 from modes_fx.attach import attach, detach
 from modes_fx.compiled import compiled_forward, set_compiled_forward
 from modes_fx.modality import GROUP_COLUMNS, check_input_ids, kind_to_column, special_token_ids, text_vocab_size
+from modes_fx.rules import PiRule
 from modes_fx.schedule import Schedule
 
 from .data import CalibrationBatch
@@ -94,7 +95,7 @@ class CalibrationSession:
 
     def schedule(self, alpha: list[list[float]], tau: list[float]) -> Schedule:
         """The deployable schedule for α [L][M] and τ [M] (same threshold code as inference)."""
-        return dataclasses.replace(self.base, alpha=alpha, tau=list(tau), calibration={})
+        return dataclasses.replace(self.base, rule=PiRule(alpha=alpha, tau=tau), calibration={})
 
     def measure_table(self, table: torch.Tensor) -> Measurement:
         """KL and skip ratio with the threshold table float32 [L, M + 1] (rule "pi") in force."""
@@ -103,7 +104,7 @@ class CalibrationSession:
 
     def measure_schedule(self, schedule: Schedule) -> Measurement:
         """KL and skip ratio with ``schedule`` (any rule; for this session's model) in force."""
-        self.state.set_thresholds(schedule.thresholds(), schedule.rule)
+        self.state.set_thresholds(schedule.thresholds(), type(schedule.rule))
         return measure(self.model, self.batches, self.reference, self.num_sites)
 
     def ablation_table(self, layer: int, column: int) -> torch.Tensor:

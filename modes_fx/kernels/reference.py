@@ -1,5 +1,4 @@
-"""Reference implementation of the masked experts computation, and the keep mask of every
-skipping rule.
+"""Reference implementation of the masked experts computation (the tested oracle).
 
 ``masked_experts_reference`` is the plain-PyTorch implementation behind ``modes::masked_experts``
 (see ``docs/architecture.md``, "The op boundary"). It computes only the kept (token, expert)
@@ -13,10 +12,6 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 from transformers.activations import ACT2FN
-
-RULES = ("pi", "ratio_to_top1", "rank")
-"""Skipping rules: which score of a routed pair is compared with the threshold table."""
-
 
 def masked_experts_reference(
     hidden: torch.Tensor,
@@ -72,49 +67,3 @@ def masked_experts_reference(
         out.index_add_(0, rows, y.to(out.dtype))
         start += n_rows
     return out
-
-
-def rule_scores(scores: torch.Tensor, rule: str) -> torch.Tensor:
-    """The score each rule compares with its threshold, ``float32 [T, k]`` from π ``[T, k]``.
-
-    - ``"pi"``: π itself (MoDES; thresholds are τ[m] / α[l, m]).
-    - ``"ratio_to_top1"``: π_j / max_i π_i, in [0, 1] (NAEE-style; thresholds are β).
-    - ``"rank"``: how many of the token's slots rank below slot j (k - 1 for the highest π,
-      0 for the lowest; ties broken by slot order), so a threshold of k - k' keeps the k'
-      highest slots.
-    """
-    if rule == "pi":
-        return scores
-    if rule == "ratio_to_top1":
-        return scores / scores.amax(dim=1, keepdim=True)
-    if rule == "rank":
-        k = scores.shape[1]
-        order = torch.argsort(scores, dim=1, descending=True, stable=True)
-        below = torch.arange(k - 1, -1, -1, dtype=scores.dtype, device=scores.device).expand_as(scores)
-        return torch.empty_like(scores).scatter_(1, order, below)
-    raise ValueError(f"unknown skipping rule {rule!r}; expected one of {', '.join(RULES)}")
-
-
-def keep_mask(
-    scores: torch.Tensor, modality_ids: torch.Tensor, thresholds: torch.Tensor, rule: str = "pi"
-) -> torch.Tensor:
-    """Which routed (token, expert) pairs to keep: those whose rule score is not below the
-    threshold of the token's modality.
-
-    Args:
-        scores: ``float32 [T, k]`` routing scores π (top-k weights after any renormalisation).
-        modality_ids: ``int64 [T]`` modality id of each token; id 0 is "no modality".
-        thresholds: ``float32 [M + 1]`` per-modality-id thresholds in units of the rule's score
-            (see :func:`rule_scores`); ``thresholds[0]`` is ``-inf`` so modality id 0 is never
-            skipped.
-        rule: one of :data:`RULES`.
-
-    Returns:
-        ``bool [T, k]``: ``~(rule_scores(scores, rule) < thresholds[modality_ids][:, None])``; NaN
-        scores are kept (with ``"ratio_to_top1"``, a NaN keeps its token's whole row). With
-        ``"ratio_to_top1"`` the first slot of highest π is always kept, whatever the threshold.
-    """
-    keep = ~(rule_scores(scores, rule) < thresholds[modality_ids][:, None])
-    if rule == "ratio_to_top1" and scores.shape[1] > 0:
-        keep.scatter_(1, scores.argmax(dim=1, keepdim=True), True)
-    return keep

@@ -72,7 +72,7 @@ class Result:
 
 def evaluate_deployed(tuner: BaselineTuner, schedule: modes_fx.Schedule, batches: list[data.Batch]):
     """(accuracy, tracker) of ``schedule`` deployed on the tuner's compiled model, on ``batches``."""
-    tuner.session.state.set_thresholds(schedule.thresholds(), schedule.rule)
+    tuner.session.state.set_thresholds(schedule.thresholds(), type(schedule.rule))
     return tracked_accuracy(tuner.session.model, batches, tuner.session.num_sites, "accuracy evaluation")
 
 
