@@ -203,7 +203,13 @@ def weight_key(tensor: torch.Tensor) -> int:
 
 
 _STATES: list[AttachedState] = []
-_ROLES: dict[int, ParamRole] = {}
+# The registry: weight → ParamRole, built once per attach (no model walk afterwards).
+# By object: the compiled graphs hand the ops the Parameter objects themselves, which
+# ``model.to(...)`` keeps (it swaps their data), so this is the lookup that hits.
+_BY_OBJECT: dict[int, ParamRole] = {}  # id(parameter) → role
+# By storage: for a tensor that aliases a registered weight without being it; the addresses
+# are re-read from the roles' own weak references when one misses (weights move with .to()).
+_ROLES: dict[int, ParamRole] = {}  # weight_key(parameter) → role
 _SAVED_RECOMPILE_LIMIT: list[int] = []  # Dynamo's limit before the first attach raised it
 
 
@@ -212,7 +218,9 @@ def register(state: AttachedState, model: torch.nn.Module) -> None:
     _STATES.append(state)
     state.finalizer = weakref.finalize(model, _forget, state)
     _raise_recompile_limit()
-    _refresh()
+    for role in state.param_roles().values():
+        _BY_OBJECT[id(role.tensor())] = role
+    _rekey()
 
 
 def unregister(state: AttachedState) -> None:
@@ -225,7 +233,9 @@ def _forget(state: AttachedState) -> None:
         _STATES.remove(state)
     if not _STATES:
         _restore_recompile_limit()
-    _refresh()
+    for key in [k for k, role in _BY_OBJECT.items() if role.state is state]:
+        del _BY_OBJECT[key]
+    _rekey()
 
 
 def _raise_recompile_limit() -> None:
@@ -243,34 +253,48 @@ def _restore_recompile_limit() -> None:
             torch._dynamo.config.recompile_limit = saved
 
 
-def _refresh() -> None:
+def _rekey() -> None:
+    """Re-read the storage address of every registered weight (through the roles' weak
+    references: no walk over the models)."""
     _ROLES.clear()
-    for state in _STATES:
-        _ROLES.update(state.param_roles())
+    for role in _BY_OBJECT.values():
+        param = role.tensor()
+        if param is not None:
+            _ROLES[weight_key(param)] = role
 
 
 def role_of(tensor: torch.Tensor) -> ParamRole | None:
     """The attached site and role of a weight tensor, or None when no attached model owns it.
 
-    Re-reads the attached models once on a miss, since ``model.to(...)`` moves weights. Called
-    by ``modes::route_mask`` for every MoE site call, so it stays a plain dictionary lookup."""
+    Called by ``modes::route_mask`` for every MoE site call: a dictionary lookup by object,
+    then by storage address (re-read once on a miss, since ``model.to(...)`` moves weights)."""
+    found = _by_object(tensor)
+    if found is not None:
+        return found
     ptr = _key(tensor)
     found = _lookup(ptr)
     if found is None and ptr is not None:
-        _refresh()
+        _rekey()
         found = _lookup(ptr)
     return found
 
 
 def roles_of(values: Sequence) -> list[ParamRole | None]:
-    """``role_of`` of each value (None for what is not a tensor), re-reading the attached models
-    at most once for all of them."""
-    keys = [_key(v) for v in values]
-    found = [_lookup(k) for k in keys]
+    """``role_of`` of each value (None for what is not a tensor), re-reading the addresses at
+    most once for all of them."""
+    found = [_by_object(v) for v in values]
+    keys = [_key(v) if f is None else None for v, f in zip(values, found)]
+    found = [f if f is not None else _lookup(k) for f, k in zip(found, keys)]
     if any(f is None and k is not None for f, k in zip(found, keys)):
-        _refresh()
-        found = [_lookup(k) for k in keys]
+        _rekey()
+        found = [f if f is not None else _lookup(k) for f, k in zip(found, keys)]
     return found
+
+
+def _by_object(value) -> ParamRole | None:
+    """The role registered for ``value`` itself (the same live Parameter object), or None."""
+    found = _BY_OBJECT.get(id(value))
+    return found if found is not None and found.tensor() is value else None
 
 
 def _key(value) -> int | None:
