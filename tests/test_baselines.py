@@ -8,6 +8,8 @@ import contextlib
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import modes_fx
@@ -254,3 +256,31 @@ def test_rules_through_the_modes_backend_equal_a_hook_emulation_under_graph_reus
         assert (stats.skipped, stats.kept + stats.skipped) == (counts["skipped"], counts["total"]), rule
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert len(modes_fx.last_report().rewrites) == 1  # one rewritten graph for both layers
+
+
+@given(
+    breaks=st.lists(st.integers(0, 1000).map(lambda i: i / 1000), min_size=1, max_size=40),
+    target=st.floats(0.01, 0.99),
+    integer=st.booleans(),
+)
+@settings(max_examples=200, deadline=None)
+def test_bisect_knob_finds_the_target_on_any_monotone_knob(breaks, target, integer):
+    """``bisect_knob`` (the baselines' and the speed benchmark's solver): on a non-decreasing skip
+    ratio it measures each point once, at most max_steps of them, and returns the closest
+    measured point; within tolerance whenever a point of the knob's range is."""
+    from modes_fx.calib.baselines import bisect_knob
+
+    breaks = sorted(breaks)
+    high = 64 if integer else 1.0
+    calls = []
+
+    def skip_at(x):
+        calls.append(x)
+        return sum(b <= x / high for b in breaks) / len(breaks)
+
+    best, measured = bisect_knob(skip_at, 0, high, target, tolerance=0.02, max_steps=40, integer=integer)
+    assert len(calls) == len(set(calls)) == len(measured) <= 40 and list(measured) == calls
+    assert abs(measured[best] - target) == min(abs(s - target) for s in measured.values())
+    grid = range(high + 1) if integer else [b * high for b in breaks] + [0.0, high]
+    if any(abs(skip_at(x) - target) <= 0.02 for x in grid) and not integer:
+        assert abs(measured[best] - target) <= 0.02

@@ -329,30 +329,17 @@ class BaselineTuner:
         return best
 
     def bisect(self, knob: Knob, target: float) -> KnobSearch:
-        """Bisection on ``knob`` for a measured skip ratio within tolerance of ``target``; the
-        measured point closest to the target when none is (e.g. a jump over the window)."""
+        """``bisect_knob`` on ``knob``, each point's schedule measured on the calibration data."""
         measured: dict[float, tuple[Schedule, Measurement]] = {}
 
         def skip_at(x: float) -> float:
-            if x not in measured:
-                schedule = knob.schedule(x)
-                measured[x] = (schedule, self._measure(schedule))
+            schedule = knob.schedule(x)
+            measured[x] = (schedule, self._measure(schedule))
             return measured[x][1].skip
 
-        low, high, x = knob.low, knob.high, knob.high
-        for _ in range(self.max_steps):
-            skip = skip_at(x)
-            if self._within(skip, target) or (x == knob.high and skip < target):
-                break
-            low, high = (x, high) if skip < target else (low, x)
-            if knob.integer and high - low <= 1:
-                skip_at(low)
-                break
-            x = (low + high) // 2 if knob.integer else (low + high) / 2
-        best = min(measured, key=lambda x: (abs(measured[x][1].skip - target), x))
+        best, skips = bisect_knob(skip_at, knob.low, knob.high, target, self.tolerance + _EPS, self.max_steps, knob.integer)
         schedule, measurement = measured[best]
-        trace = [(x, m.skip) for x, (_, m) in measured.items()]
-        return KnobSearch(best, schedule, measurement, max_skip=measured[knob.high][1].skip, trace=trace)
+        return KnobSearch(best, schedule, measurement, max_skip=skips[knob.high], trace=list(skips.items()))
 
     def _within(self, skip: float, target: float) -> bool:
         return abs(skip - target) <= self.tolerance + _EPS
@@ -391,6 +378,41 @@ _TUNERS: dict[str, Callable[[BaselineTuner, float, dict], KnobSearch]] = {
 """How each method is tuned: name → f(tuner, target, details) → KnobSearch (``details``: extra
 calibration metadata the method records)."""
 METHODS = tuple(_TUNERS)
+
+
+def bisect_knob(
+    skip_at: Callable[[float], float],
+    low: float,
+    high: float,
+    target: float,
+    tolerance: float,
+    max_steps: int = 24,
+    integer: bool = False,
+) -> tuple[float, dict[float, float]]:
+    """Bisection for a knob value x in [low, high] whose skip ratio ``skip_at(x)`` (non-decreasing
+    in x) is within ``tolerance`` of ``target``. Measures ``high`` first (when even it falls
+    short, that is the answer), at most ``max_steps`` points, each once; ``integer`` knobs take
+    integer values. Returns the measured x closest to the target (the smaller x on a tie) and
+    every measured {x: skip ratio}, in measuring order."""
+    measured: dict[float, float] = {}
+
+    def at(x: float) -> float:
+        if x not in measured:
+            measured[x] = skip_at(x)
+        return measured[x]
+
+    top = x = high
+    for _ in range(max_steps):
+        skip = at(x)
+        if abs(skip - target) <= tolerance or (x == top and skip < target):
+            break
+        low, high = (x, high) if skip < target else (low, x)
+        if integer and high - low <= 1:
+            at(low)
+            break
+        x = (low + high) // 2 if integer else (low + high) / 2
+    best = min(measured, key=lambda x: (abs(measured[x] - target), x))
+    return best, measured
 
 
 def _plain(knob: float | tuple[float, ...]) -> float | list[float]:

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from modes_fx.calib.baselines import bisect_knob
 from modes_fx.compiled import set_compiled_forward
 
 SKIP_TARGETS = (0.5, 0.75, 0.88)
@@ -229,28 +230,11 @@ def _skip_ratio(run) -> float:
 
 def solve_threshold(measure, target: float, steps: int = 12) -> tuple[float, float]:
     """Threshold t in [0, 1] (score units) with ``measure(t)`` within SKIP_TOLERANCE of
-    ``target``; ``measure`` is a skip ratio, non-decreasing in t, 0 at t = 0 and 1 at t = 1
-    (π ≤ 1). Regula falsi with the Illinois rule; returns (t, measured ratio) of the closest
-    reading after at most ``steps`` measurements."""
-    lo, hi = 0.0, 1.0
-    g_lo, g_hi = -target, 1.0 - target  # measure(t) - target at the bracket ends
-    best, side = (0.0, 0.0), 0
-    for _ in range(steps):
-        t = lo - g_lo * (hi - lo) / (g_hi - g_lo)
-        ratio = measure(t)
-        if abs(ratio - target) < abs(best[1] - target):
-            best = (t, ratio)
-        if abs(ratio - target) <= SKIP_TOLERANCE:
-            break
-        if ratio < target:
-            lo, g_lo = t, ratio - target
-            g_hi = g_hi / 2 if side < 0 else g_hi
-            side = -1
-        else:
-            hi, g_hi = t, ratio - target
-            g_lo = g_lo / 2 if side > 0 else g_lo
-            side = 1
-    return best
+    ``target``; ``measure`` is a skip ratio, non-decreasing in t, 1 at t = 1 (π ≤ 1). The
+    baselines' bisection (``calib.baselines.bisect_knob``); returns (t, measured ratio) of the
+    closest reading after at most ``steps`` measurements."""
+    t, measured = bisect_knob(measure, 0.0, 1.0, target, SKIP_TOLERANCE, steps)
+    return t, measured[t]
 
 
 @dataclass
