@@ -5,7 +5,8 @@
   token modality ids. Records ``track()`` counts.
 - ``modes::masked_experts`` (:data:`masked_experts`): pure; the experts computation restricted to
   the kept (token, expert) pairs. Implemented by :func:`modes_fx.kernels.fast.masked_experts_fast`
-  (same semantics as the tested oracle
+  on CPU and by :func:`modes_fx.kernels.grouped.masked_experts_grouped` (device-side grouping,
+  grouped GEMMs, no host sync) for CUDA tensors it supports (same semantics as the tested oracle
   :func:`modes_fx.kernels.reference.masked_experts_reference`); its fake implementation only
   validates the arguments and returns an empty ``[T, H]`` tensor, so it traces with symbolic T.
 
@@ -23,6 +24,7 @@ from transformers.activations import ACT2FN
 
 from modes_fx import runtime, tracking
 from modes_fx.kernels.fast import masked_experts_fast
+from modes_fx.kernels.grouped import masked_experts_grouped, supports
 
 __all__ = ["masked_experts", "route_mask"]
 
@@ -138,6 +140,9 @@ def masked_experts_impl(
     _check_masked_experts_args(
         hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj, activation
     )
+    if hidden.is_cuda and supports(hidden, gate_up_proj, down_proj):
+        # no host sync, static shapes (kernels/grouped.py); the CPU kernel syncs every call
+        return masked_experts_grouped(hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj, activation)
     return masked_experts_fast(
         hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj, activation
     )
