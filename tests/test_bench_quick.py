@@ -39,6 +39,13 @@ def test_quick_speed_benchmark_outputs(tmp_path, capsys):
             assert r[f"{phase}_amdahl_bound"] >= 1.0
     assert 0 < result["experts_share"]["prefill"] <= 1 and 0 < result["experts_share"]["decode"] <= 1
     assert "experts share" in stdout
+    # the roofline: bytes per token fall with the skip ratio, the bound is a fraction of the time
+    assert result["bandwidth_gbs"] > 0 and "GB/s" in stdout
+    per_token = [rows[name]["decode_mb_per_token"] for name in NAMES[2:]]
+    assert per_token == sorted(per_token, reverse=True) and per_token[0] > per_token[-1]
+    assert rows["dense"]["decode_mb_per_token"] == rows["modes tau=0"]["decode_mb_per_token"]
+    for r in rows.values():
+        assert r["decode_of_bound"] == pytest.approx(r["decode_bound_ms"] / r["decode_ms"]) and r["decode_of_bound"] > 0
     assert "w4a16" not in result and "W4A16" not in stdout
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -58,6 +65,8 @@ def test_quick_speed_benchmark_w4a16_rows(tmp_path, capsys):
     assert abs(w4_rows["w4a16 skip=88%"]["prefill_skip"] - bench.W4A16_SKIP) <= bench.SKIP_TOLERANCE
     assert all(r[k] > 0 and math.isfinite(r[k]) for r in w4_rows.values() for k in ("prefill_ms", "decode_ms"))
     assert 0 < w4["experts_share"]["prefill"] <= 1
+    # int4 experts: a step reads fewer bytes than the fp32 model's would, still falling with skip
+    assert w4_rows["w4a16 skip=88%"]["decode_mb_per_token"] < w4_rows["w4a16 dense"]["decode_mb_per_token"]
     mib = w4["weight_mib"]
     assert mib["fp32"] > mib["bf16"] > mib["w4a16"] > 0
     assert w4["expert_memory_ratio"] == pytest.approx(w4["expert_weight_mib"]["bf16"] / w4["expert_weight_mib"]["w4a16"])

@@ -22,6 +22,11 @@ W4A16 logits' relative error against bf16 on the benchmark prompt.
 Both compiled variants live side by side on the same module (``modes_fx.compiled.set_compiled_forward``
 switches between them); thresholds change through ``state.set_thresholds`` without recompiling.
 Latencies are milliseconds; the decode latency is the total of the ``decode_tokens`` steps.
+The decode roofline: ``stream_bandwidth`` measures this machine's streaming read bandwidth in the
+same run, ``decode_bytes`` what one decode step must read (every language-model weight but the
+experts and the input embedding, plus one expert per kept pair: at batch 1 the kept pairs are
+distinct experts, (1 − skip) · L · k of them), and each row shows its decode as a fraction of the
+time those bytes take at that bandwidth ("of bw"; 100% is the memory-bandwidth limit).
 The experts share is the fraction of the ``tau=0`` time spent in ``modes::masked_experts``
 (``modes::masked_experts_int4`` for W4A16; torch.profiler); the Amdahl bound at skip ratio s is
 ``1 / ((1 - share) + share * (1 - s))``.
@@ -69,10 +74,11 @@ class BenchConfig:
     decode_tokens: int
     reps: int
     compiler: str  # inner compiler of both compiled variants: "inductor" or "eager"
+    bandwidth_mib: int = 256  # size of the weight the bandwidth probe streams
 
 
 FULL = BenchConfig(1024, 8, 64, 8, 384, 16, 4, 64, 1024, 64, 64, 3, "inductor")
-QUICK = BenchConfig(64, 2, 8, 2, 32, 4, 2, 16, 48, 8, 4, 1, "eager")
+QUICK = BenchConfig(64, 2, 8, 2, 32, 4, 2, 16, 48, 8, 4, 1, "eager", 16)
 
 
 def build_model(cfg: BenchConfig) -> torch.nn.Module:
@@ -111,6 +117,58 @@ def prompt_ids(cfg: BenchConfig) -> torch.Tensor:
     text = torch.randint(testing.TEXT_ID_LOW, testing.TEXT_ID_HIGH, (cfg.text_tokens - 1,), generator=g)
     image = torch.full((cfg.image_tokens,), testing.IMAGE_ID)
     return torch.cat([torch.tensor([testing.BOS_ID]), image, text])[None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The roofline: what a decode step must read, and how fast this machine reads
+
+
+def stream_bandwidth(mib: int, reps: int = 7) -> float:
+    """Streaming read bandwidth of this machine in GB/s: the median over ``reps`` of one fp32
+    mat-vec ``F.linear(x [1, 1024], w [N, 1024])`` reading a ``mib`` MiB weight (each read once
+    per call, so the time is memory-bound), after one warm-up call."""
+    from torch.nn import functional as F
+
+    weight = torch.randn(mib * 2**20 // (4 * 1024), 1024)
+    x = torch.randn(1, 1024)
+    F.linear(x, weight)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        F.linear(x, weight)
+        times.append(time.perf_counter() - start)
+    return weight.numel() * 4 / statistics.median(times) / 1e9
+
+
+def decode_bytes(model: torch.nn.Module) -> dict[str, float]:
+    """What one decode step of one token reads, from the stored weights (int4 counted as
+    stored): ``fixed``, every language-model weight except the experts and the input embedding
+    (one row of it per token: not counted; attention, norms, routers, shared experts and the
+    lm_head are read whole every step; the vision tower never runs), and ``per_expert``, one
+    routed expert's gate_up and down weights. Bytes."""
+    from modes_fx.quant.quantize import stored_bytes
+    from modes_fx.sites import find_moe_sites
+
+    sites = find_moe_sites(model)
+    experts = [model.get_submodule(site.experts_path) for site in sites]
+    expert_weights = [getattr(e, name) for e in experts for name in ("gate_up_proj", "down_proj")]
+    skipped = {id(t) for t in expert_weights} | {id(model.get_input_embeddings().weight)}
+    if model.get_output_embeddings() is not None:  # tied: the lm_head reads the whole matrix
+        skipped.discard(id(model.get_output_embeddings().weight))
+    fixed = [p for name, p in model.named_parameters() if id(p) not in skipped and ".visual." not in f".{name}"]
+    total_experts = sum(site.num_experts for site in sites)
+    return {"fixed": float(stored_bytes(fixed)), "per_expert": stored_bytes(expert_weights) / total_experts}
+
+
+def _roofline(row: dict, step_bytes: dict[str, float], routed_pairs: int, steps: int, bandwidth: float) -> None:
+    """Adds to ``row`` the decode bytes per token (MB), the bandwidth bound of its decode (ms:
+    ``steps`` tokens at ``bandwidth`` GB/s) and the measured decode as a fraction of the bound.
+    At batch 1 the kept pairs of a step are distinct experts: (1 − skip) · L · k of them."""
+    skip = row["decode_skip"] if row["impl"] == "modes" else 0.0
+    per_token = step_bytes["fixed"] + (1.0 - skip) * routed_pairs * step_bytes["per_expert"]
+    row["decode_mb_per_token"] = per_token / 1e6
+    row["decode_bound_ms"] = steps * per_token / (bandwidth * 1e9) * 1e3
+    row["decode_of_bound"] = row["decode_bound_ms"] / row["decode_ms"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,11 +368,13 @@ def run(cfg: BenchConfig, out_dir: Path, precision: str = "fp32", echo=print) ->
     torch._dynamo.config.recompile_limit = 64
     start = time.perf_counter()
     echo(f"config: {asdict(cfg)}; {torch.get_num_threads()} torch threads")
-    result = {"config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    bandwidth = stream_bandwidth(cfg.bandwidth_mib)
+    echo(f"streaming bandwidth: {bandwidth:.1f} GB/s (fp32 mat-vec over {cfg.bandwidth_mib} MiB)")
+    result = {"config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(), "bandwidth_gbs": bandwidth}
     if precision in ("fp32", "both"):
-        result.update(run_fp32(cfg, echo))
+        result.update(run_fp32(cfg, echo, bandwidth))
     if precision in ("w4a16", "both"):
-        result["w4a16"] = run_w4a16(cfg, echo)
+        result["w4a16"] = run_w4a16(cfg, echo, bandwidth)
     result["seconds"] = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "speed.json").write_text(json.dumps(result, indent=2))
@@ -324,7 +384,7 @@ def run(cfg: BenchConfig, out_dir: Path, precision: str = "fp32", echo=print) ->
     return result
 
 
-def run_fp32(cfg: BenchConfig, echo) -> dict:
+def run_fp32(cfg: BenchConfig, echo, bandwidth: float) -> dict:
     """The fp32 rows: eager, dense (the baseline), modes tau=0 and modes at :data:`SKIP_TARGETS`;
     returns ``experts_share`` and ``variants`` (table rows)."""
     torch._dynamo.reset()
@@ -334,10 +394,10 @@ def run_fp32(cfg: BenchConfig, echo) -> dict:
     with torch.no_grad():
         variants, share = measure(runner, variants, SKIP_TARGETS, "modes", echo)
     runner.close()
-    return {"experts_share": share, "variants": _rows(variants, "dense", share)}
+    return {"experts_share": share, "variants": _rows(variants, "dense", share, _decode_roofline(model, cfg, bandwidth))}
 
 
-def run_w4a16(cfg: BenchConfig, echo) -> dict:
+def run_w4a16(cfg: BenchConfig, echo, bandwidth: float) -> dict:
     """The W4A16 rows: the benchmark model converted to bf16 and quantized by
     :func:`modes_fx.quant.quantize.quantize_experts` (int4 experts and linears), timed as ``w4a16
     dense`` (torch.compile with ``cfg.compiler``, the baseline of these rows), ``w4a16 tau=0``
@@ -365,7 +425,7 @@ def run_w4a16(cfg: BenchConfig, echo) -> dict:
     return {
         "group_size": report.group_size,
         "experts_share": share,
-        "variants": _rows(variants, "w4a16 dense", share),
+        "variants": _rows(variants, "w4a16 dense", share, _decode_roofline(model, cfg, bandwidth)),
         "weight_mib": mib,
         "expert_weight_mib": {"bf16": report.expert_bytes_before / 2**20, "w4a16": report.expert_bytes_after / 2**20},
         "expert_memory_ratio": report.expert_memory_ratio,
@@ -428,8 +488,15 @@ def _amdahl(share: float, skip: float) -> float:
     return 1.0 / ((1.0 - share) + share * (1.0 - skip))
 
 
-def _rows(variants: list[Variant], baseline: str, share: dict[str, float]) -> list[dict]:
-    """The table rows: each variant with its speedups over the ``baseline`` row and its Amdahl bound."""
+def _decode_roofline(model: torch.nn.Module, cfg: BenchConfig, bandwidth: float):
+    """``_roofline`` for the rows of ``model`` (its bytes per step read once)."""
+    step_bytes = decode_bytes(model)
+    return lambda row: _roofline(row, step_bytes, cfg.num_layers * cfg.top_k, cfg.decode_tokens, bandwidth)
+
+
+def _rows(variants: list[Variant], baseline: str, share: dict[str, float], roofline) -> list[dict]:
+    """The table rows: each variant with its speedups over the ``baseline`` row, its Amdahl
+    bound and (``roofline(row)``) its decode bandwidth bound."""
     base = next(v for v in variants if v.name == baseline)
     rows = []
     for v in variants:
@@ -438,13 +505,14 @@ def _rows(variants: list[Variant], baseline: str, share: dict[str, float]) -> li
             row[f"{phase}_speedup_vs_dense"] = getattr(base, f"{phase}_ms") / getattr(v, f"{phase}_ms")
             skip = getattr(v, f"{phase}_skip")
             row[f"{phase}_amdahl_bound"] = _amdahl(share[phase], skip) if skip == skip else None
+        roofline(row)
         rows.append(row)
     return rows
 
 
 def format_table(result: dict) -> str:
     """The result as fixed-width text tables (ms, ratios to each table's compiled dense row)."""
-    lines = []
+    lines = [f"decode bandwidth bound: the bytes a decode step must read (MB/tok) at the measured {result['bandwidth_gbs']:.1f} GB/s"]
     if "variants" in result:
         lines += _table(result["variants"], result["experts_share"])
     if "w4a16" in result:
@@ -464,7 +532,7 @@ def format_table(result: dict) -> str:
 def _table(rows: list[dict], share: dict[str, float]) -> list[str]:
     head = (
         f"{'variant':<16}{'skip p/d':>12}{'prefill ms':>12}{'x dense':>9}{'bound':>7}"
-        f"{'decode ms':>11}{'x dense':>9}{'bound':>7}{'peak MiB p/d':>15}"
+        f"{'decode ms':>11}{'x dense':>9}{'bound':>7}{'MB/tok':>8}{'of bw':>7}{'peak MiB p/d':>15}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -473,7 +541,8 @@ def _table(rows: list[dict], share: dict[str, float]) -> list[str]:
         lines.append(
             f"{r['name']:<16}{skip:>12}{r['prefill_ms']:>12.1f}{r['prefill_speedup_vs_dense']:>9.2f}"
             f"{bound(r['prefill_amdahl_bound']):>7}{r['decode_ms']:>11.1f}{r['decode_speedup_vs_dense']:>9.2f}"
-            f"{bound(r['decode_amdahl_bound']):>7}{r['prefill_peak_mib']:>8.0f}/{r['decode_peak_mib']:<6.0f}"
+            f"{bound(r['decode_amdahl_bound']):>7}{r['decode_mb_per_token']:>8.1f}{r['decode_of_bound']:>7.0%}"
+            f"{r['prefill_peak_mib']:>8.0f}/{r['decode_peak_mib']:<6.0f}"
         )
     lines.append(f"experts share of dense (modes tau=0) time: prefill {share['prefill']:.1%}, decode {share['decode']:.1%}")
     return lines
