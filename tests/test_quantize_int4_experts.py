@@ -129,3 +129,27 @@ def test_masked_experts_op_on_int4_weights(case, activation):
         error = (got.double() - value).abs()
         assert (error <= 1e-5 + 2e-2 * scale).all(), f"{name}: max error {error.max()} vs scale {scale.max()}"
     assert not got[~keep.any(1)].any()  # tokens with every pair skipped get no expert output
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 9])  # the decode (host-grouped) and prefill paths
+def test_masked_experts_op_calls_the_int4_kernel_itself(linear_calls, monkeypatch, tokens):
+    """The op on int4 weights runs ``aten._weight_int4pack_mm_for_cpu`` once per matrix of each
+    kept expert, bit-identical to the fast kernel driving torchao's int4 weights through
+    ``F.linear``, and never goes through ``F.linear`` (torchao's Python handler) itself."""
+    from modes_fx.kernels.fast import masked_experts_fast
+
+    hidden, index, routing, keep, gate_up, down = make_case(
+        4, tokens, 64, 32, 6, 3, "random", weight_dtype=BF16, hidden_dtype=BF16, routing_dtype=BF16
+    )
+    q_gate_up, q_down = Int4ExpertsTensor.from_hp(gate_up, 32), Int4ExpertsTensor.from_hp(down, 32)
+    via_linear = masked_experts_fast(hidden, index, routing, keep, q_gate_up, q_down, "silu")
+    kernel_calls = []
+    real = torch.ops.aten._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(
+        torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: kernel_calls.append(a[0].shape[0]) or real(*a)
+    )
+    linear_calls.clear()
+    got = torch.ops.modes.masked_experts(hidden, index, routing, keep, q_gate_up, q_down, "silu")
+    assert torch.equal(got, via_linear)
+    assert linear_calls == []
+    assert len(kernel_calls) == 2 * len(index[keep].unique()) and sum(kernel_calls) == 2 * int(keep.sum())

@@ -22,6 +22,8 @@ Weights are used as ``w[e]`` with ``F.linear`` only, so tensor-subclass (torchao
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.nn import functional as F
 from transformers.activations import ACT2FN
@@ -38,13 +40,18 @@ def _act_mul(gate_up: torch.Tensor, intermediate: int, activation: str) -> torch
     return act.mul_(up)
 
 
-def _expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, activation: str) -> torch.Tensor:
+Linear = Callable[[torch.Tensor, object], torch.Tensor]
+"""``linear(x [n, K], w[e]) -> [n, N]``: one expert's projection (``F.linear`` for weights
+indexed as tensors; the int4 experts pass the CPU int4 kernel itself, quant/int4_experts.py)."""
+
+
+def _expert_mlp(x: torch.Tensor, gate_up, down, intermediate: int, activation: str, linear: Linear) -> torch.Tensor:
     """One expert's MLP on its rows: ``down @ (act(gate @ x) * (up @ x))``.
 
-    x: ``[n, H]`` (the weights' compute dtype), gate_up: ``[2I, H]``, down: ``[H, I]``.
-    Returns ``[n, H]``, unscaled."""
-    h = _act_mul(F.linear(x, gate_up), down.shape[-1], activation)
-    return F.linear(h, down)
+    x: ``[n, H]`` (the weights' compute dtype), gate_up: ``[2I, H]``, down: ``[H, I]`` (as
+    ``linear`` takes them). Returns ``[n, H]``, unscaled."""
+    h = _act_mul(linear(x, gate_up), intermediate, activation)
+    return linear(h, down)
 
 
 def masked_experts_fast(
@@ -55,18 +62,21 @@ def masked_experts_fast(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     activation: str,
+    linear: Linear | None = None,
 ) -> torch.Tensor:
     """Mixture-of-experts output ``[T, H]`` (``hidden``'s dtype) of the kept pairs only.
 
     Args: hidden ``[T, H]``; top_k_index ``int64 [T, k]`` (ids in ``[0, E)``); top_k_weights
     ``[T, k]`` (not renormalised); keep ``bool [T, k]``; gate_up_proj ``[E, 2I, H]``; down_proj
-    ``[E, H, I]``; activation a transformers ``ACT2FN`` name. The MLPs run in ``gate_up_proj``'s
-    dtype. See :func:`modes_fx.kernels.reference.masked_experts_reference` for the formula."""
+    ``[E, H, I]``; activation a transformers ``ACT2FN`` name; linear: how ``w[e]`` multiplies
+    (``Linear``; default ``F.linear``). The MLPs run in ``gate_up_proj``'s dtype. See
+    :func:`modes_fx.kernels.reference.masked_experts_reference` for the formula."""
+    linear = linear or F.linear
     compute_dtype = gate_up_proj.dtype
     out = hidden.new_zeros(hidden.shape)
     x_all = hidden.to(compute_dtype)
     if hidden.shape[0] <= DECODE_TOKENS:
-        return _decode(out, x_all, top_k_index, top_k_weights, keep, gate_up_proj, down_proj, activation)
+        return _decode(out, x_all, top_k_index, top_k_weights, keep, gate_up_proj, down_proj, activation, linear)
     pair = keep.reshape(-1).nonzero().squeeze(1)  # flat (token * k + slot) of kept pairs
     if pair.numel() == 0:
         return out
@@ -83,9 +93,8 @@ def masked_experts_fast(
     for expert, rows in enumerate(counts):
         if rows:
             end = start + rows
-            y[start:end] = _expert_mlp(x[start:end], gate_up_proj[expert], down_proj[expert], activation).mul_(
-                weights[start:end, None]
-            )
+            mlp = _expert_mlp(x[start:end], gate_up_proj[expert], down_proj[expert], down_proj.shape[-1], activation, linear)
+            y[start:end] = mlp.mul_(weights[start:end, None])
             start = end
     return out.index_add_(0, tokens, y.to(out.dtype))
 
@@ -99,6 +108,7 @@ def _decode(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     activation: str,
+    linear: Linear,
 ) -> torch.Tensor:
     """Few-token path (T <= DECODE_TOKENS, so at most ``DECODE_TOKENS * k`` pairs): the kept
     pairs are grouped by expert on the host (``tolist``, no sort, nonzero or gather kernels); an
@@ -107,6 +117,7 @@ def _decode(
     several pairs reads its weights once for all its rows.
 
     x_all: ``[T, H]`` in the compute dtype; top_k_weights: ``[T, k]``; out: ``[T, H]`` zeros."""
+    intermediate = down_proj.shape[-1]
     groups: dict[int, list[tuple[int, float]]] = {}
     rows = zip(top_k_index.tolist(), keep.tolist(), top_k_weights.tolist())
     for token, (experts, kept, weights) in enumerate(rows):
@@ -117,11 +128,11 @@ def _decode(
         pairs = groups[expert]
         if len(pairs) == 1:
             (token, weight), = pairs
-            y = _expert_mlp(x_all[token : token + 1], gate_up_proj[expert], down_proj[expert], activation)
+            y = _expert_mlp(x_all[token : token + 1], gate_up_proj[expert], down_proj[expert], intermediate, activation, linear)
             out[token : token + 1].add_(y.to(out.dtype), alpha=weight)
             continue
         tokens = torch.tensor([t for t, _ in pairs], device=out.device)
         weights = torch.tensor([w for _, w in pairs], dtype=x_all.dtype, device=out.device)
-        y = _expert_mlp(x_all[tokens], gate_up_proj[expert], down_proj[expert], activation)
+        y = _expert_mlp(x_all[tokens], gate_up_proj[expert], down_proj[expert], intermediate, activation, linear)
         out.index_add_(0, tokens, y.mul_(weights[:, None]).to(out.dtype))
     return out

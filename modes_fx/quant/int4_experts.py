@@ -14,19 +14,24 @@ touch expert weights:
   ``modes::int4_grouped_mm`` (so inductor compiles the dense model too);
 - ``modes::masked_experts`` with int4 weights runs ``modes::masked_experts_int4``: the same op with
   each weight argument replaced by its two packed tensors (torch.compile flattens tensor subclasses
-  into their inner tensors, so an opaque op must take those), which rebuilds the weights and runs
-  ``modes::masked_experts``'s own implementation.
+  into their inner tensors, so an opaque op must take those), which checks the arguments as
+  ``modes::masked_experts`` does and runs its fast kernel with each expert projection calling the
+  CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``) itself, without a tensor subclass or
+  torchao's Python ``linear`` handler per expert call.
 
 Anything else (e.g. ``w[index_tensor]``, which transformers' ``batched_mm`` experts use) raises.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torchao.prototype.quantization.int4 import Int4OpaqueTensor
 from torchao.quantization.quantize_.workflows import Int4ChooseQParamsAlgorithm
 from torchao.utils import TorchAOBaseTensor
 
-import modes_fx.ops  # noqa: F401  (registers torch.ops.modes)
+from modes_fx import ops
+from modes_fx.kernels.fast import masked_experts_fast
 
 __all__ = ["Int4ExpertsTensor", "GROUP_SIZES"]
 
@@ -149,25 +154,51 @@ _LIB.define(f"masked_experts_int4{_int4_variant_schema(_MASKED_EXPERTS)}")
 _MASKED_EXPERTS_INT4 = torch.ops.modes.masked_experts_int4.default
 
 
-def _rebuild(named: dict, group_size: int) -> list:
-    """The arguments of ``modes::masked_experts`` from those of its int4 variant."""
-    args = []
-    for name in _names(_MASKED_EXPERTS):
-        if name in _WEIGHT_ARGS:
-            qdata, scale_and_zero = (named[f"{name}_{p}"] for p in _PACKED)
-            shape = (qdata.shape[0], qdata.shape[1], 2 * qdata.shape[2])
-            args.append(Int4ExpertsTensor(qdata, scale_and_zero, group_size, torch.Size(shape)))
-        else:
-            args.append(named[name])
-    return args
+@dataclass(frozen=True)
+class _PackedExperts:
+    """Int4 expert weights as the fast kernel reads them: ``w[e]`` is expert e's packed data for
+    :func:`_int4_linear`; ``shape`` ``[E, N, K]`` and ``dtype`` those of the bf16 weight."""
+
+    qdata: torch.Tensor  # uint8 [E, N, K / 2]
+    scale_and_zero: torch.Tensor  # [E, K / group_size, N, 2]
+    group_size: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.qdata.shape[0], self.qdata.shape[1], 2 * self.qdata.shape[2]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scale_and_zero.dtype
+
+    def dim(self) -> int:
+        return 3
+
+    def __getitem__(self, expert: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.qdata[expert], self.scale_and_zero[expert], self.group_size
+
+
+def _int4_linear(x: torch.Tensor, expert: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
+    """``x [n, K]`` (bf16) times one expert's int4 weight ``[N, K]``ᵀ → ``[n, N]``: the kernel
+    torchao's ``Int4OpaqueTensor`` linear calls, called directly."""
+    qdata, scale_and_zero, group_size = expert
+    return aten._weight_int4pack_mm_for_cpu(x.contiguous(), qdata, group_size, scale_and_zero)
 
 
 @torch.library.impl(_LIB, "masked_experts_int4", "CompositeExplicitAutograd")
 def _masked_experts_int4(*args):
-    """Rebuild the int4 weights and run ``modes::masked_experts``'s own implementation on them."""
+    """``modes::masked_experts`` on packed int4 weights: its argument checks, then its fast kernel
+    with the int4 kernel as each expert's projection."""
     *args, group_size = args
     named = dict(zip(_names(_MASKED_EXPERTS_INT4), args))
-    return _MASKED_EXPERTS.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *_rebuild(named, group_size))
+    call = []
+    for name in _names(_MASKED_EXPERTS):
+        if name in _WEIGHT_ARGS:
+            call.append(_PackedExperts(*(named[f"{name}_{p}"] for p in _PACKED), group_size))
+        else:
+            call.append(named[name])
+    ops._check_masked_experts_args(*call)
+    return masked_experts_fast(*call, linear=_int4_linear)
 
 
 @torch.library.register_fake("modes::masked_experts_int4", lib=_LIB)
