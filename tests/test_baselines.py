@@ -14,6 +14,7 @@ import torch
 
 import modes_fx
 from modes_fx.calib.baselines import METHODS, BaselineTuner
+from modes_fx.calib.importance import GAMMAS
 from modes_fx.rules import PiRule, RankRule, RatioToTop1Rule, rule_from_fields
 from modes_fx.schedule import Schedule
 from modes_fx.harness.testing import build, calibration_items, experts_modules, image_inputs
@@ -105,8 +106,12 @@ def test_each_method_builds_the_schedule_it_describes(tuner, tuned):
 
     gmlg = tuned["gmlg_one_threshold"].schedule
     assert gmlg.rule == PiRule(alpha=tuner.gmlg_alpha, tau=gmlg.rule.tau) and len(set(gmlg.rule.tau)) == 1
+    paper = tuned["modes_paper"]
+    assert paper.schedule.rule == PiRule(alpha=tuner.gmlg_alpha, tau=paper.knob)
     modes = tuned["modes"]
-    assert modes.schedule.rule == PiRule(alpha=tuner.gmlg_alpha, tau=modes.knob)
+    gamma = modes.schedule.calibration["gamma"]
+    assert gamma in GAMMAS and modes.schedule.calibration["gammas"] == list(GAMMAS)
+    assert modes.schedule.rule == PiRule(alpha=tuner.tempered_alpha(gamma), tau=modes.knob)
 
     naee = tuned["naee"]
     assert naee.schedule.rule == RatioToTop1Rule(beta=[[naee.knob * m] * M for m in tuner.ratio_medians])
@@ -117,6 +122,17 @@ def test_each_method_builds_the_schedule_it_describes(tuner, tuned):
     assert mc_moe.schedule.rule.name == "ratio_to_top1"
     for l, row in enumerate(mc_moe.schedule.rule.beta):
         assert row == ((mc_moe.knob * tuner.ratio_medians[l],) * M if l in layers else (0.0,) * M)
+
+
+def test_modes_is_never_worse_than_its_special_cases_on_calibration_kl(tuner, tuned):
+    """γ = 0 (uniform α: dmt_without_gmlg) and γ = 1 (the paper's α: modes_paper) are candidates
+    of the default: within the same target window, its KL is the lowest of the three, and its
+    candidates' evaluations are shared with those methods (no extra passes for them)."""
+    modes, dmt, paper = tuned["modes"], tuned["dmt_without_gmlg"], tuned["modes_paper"]
+    assert modes.kl <= dmt.kl and modes.kl <= paper.kl
+    assert modes.kl == min(dmt.kl, paper.kl, modes.kl)
+    assert paper.passes == 1  # tuned after modes (METHODS order): only its final measurement
+    assert tuner.tempered_alpha(0.0) == [[0.5, 0.5], [0.5, 0.5]] and tuner.tempered_alpha(1.0) == tuner.gmlg_alpha
 
 
 def test_mc_moe_keeps_the_lowest_kl_layer_count(tuner, tuned):

@@ -9,6 +9,7 @@ import modes_fx
 from modes_fx.calib import GridSpec, calibrate, evaluate_schedule, layer_importance
 from modes_fx.calib import session as session_module
 from modes_fx.calib.data import prepare
+from modes_fx.calib.importance import GAMMAS, normalise
 from modes_fx.compiled import compiled_forward, compiled_forward_as
 from modes_fx.harness.testing import build, calibration_items
 from modes_fx.rules import PiRule
@@ -34,6 +35,11 @@ def schedule(model, data):
     return calibrate(model, data, target_skip=TARGET, grid=GRID, progress=False)
 
 
+@pytest.fixture(scope="module")
+def paper(model, data):
+    return calibrate(model, data, target_skip=TARGET, grid=GRID, progress=False, method="paper")
+
+
 def test_alpha_has_one_nonnegative_value_per_layer_and_modality_summing_to_one(schedule):
     assert schedule.modalities == ["text", "vision"]
     alpha = schedule.rule.alpha
@@ -43,8 +49,13 @@ def test_alpha_has_one_nonnegative_value_per_layer_and_modality_summing_to_one(s
         assert math.isclose(sum(row[m] for row in alpha), 1.0, rel_tol=1e-9)
 
 
-def test_layer_importance_alone_matches_calibrate(model, data, schedule):
-    assert PiRule(alpha=layer_importance(model, data, progress=False), tau=schedule.rule.tau) == schedule.rule
+def test_layer_importance_alone_matches_calibrate(model, data, schedule, paper):
+    gmlg = layer_importance(model, data, progress=False)
+    assert PiRule(alpha=gmlg, tau=paper.rule.tau) == paper.rule
+    # α ∝ KL, so tempering GMLG's α by γ is the default's tempering of the KLs
+    tempered = normalise(gmlg, schedule.modalities, schedule.calibration["gamma"])
+    for row, expected in zip(schedule.rule.alpha, tempered):
+        assert list(row) == pytest.approx(expected)
 
 
 def test_deployed_schedule_reaches_the_searched_skip_and_kl(model, data, schedule):
@@ -66,9 +77,22 @@ def test_deployed_schedule_reaches_the_searched_skip_and_kl(model, data, schedul
 
 def test_search_reports_its_frontier_and_cost(schedule):
     frontier = schedule.calibration["frontier"]
-    assert len(frontier) <= 2 * GRID.points + 2
-    assert schedule.calibration["passes"] == 1 + 2 * 2 + len(frontier)
+    candidates = schedule.calibration["candidates"]
+    assert [c["gamma"] for c in candidates] == list(GAMMAS)
+    assert all(c["passes"] <= 2 * GRID.points + 2 for c in candidates)  # O(D) per candidate
+    assert schedule.calibration["passes"] == 1 + 2 * 2 + sum(c["passes"] for c in candidates)
     assert [p for p in frontier if p[2] >= TARGET and p[1] < schedule.calibration["kl"]] == []
+
+
+def test_default_is_never_worse_than_uniform_or_the_papers_alpha(model, data, schedule, paper):
+    """γ = 0 (uniform α) and γ = 1 (the paper's) are candidates: the chosen KL is the lowest; the
+    paper's method is γ = 1 alone and equals the γ = 1 candidate."""
+    kls = {c["gamma"]: c["kl"] for c in schedule.calibration["candidates"]}
+    assert schedule.calibration["kl"] == min(kls.values()) and schedule.calibration["gamma"] in kls
+    assert paper.calibration["gamma"] == 1.0 and [c["gamma"] for c in paper.calibration["candidates"]] == [1.0]
+    assert paper.calibration["kl"] == kls[1.0] and schedule.calibration["kl"] <= paper.calibration["kl"]
+    with pytest.raises(ValueError, match="unknown calibration method 'best'"):
+        calibrate(model, data, target_skip=TARGET, grid=GRID, progress=False, method="best")
 
 
 class Interrupted(Exception):

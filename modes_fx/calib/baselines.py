@@ -17,7 +17,8 @@ same op as deployment. π is the normalised top-k routing weight; L MoE layers, 
 | ``gmlg_one_threshold`` | pi | α = GMLG, one τ | τ |
 | ``naee`` | ratio_to_top1 | β_l = c · median_l | c |
 | ``mc_moe`` | ratio_to_top1 | β_l = c · median_l on the n least sensitive layers, 0 elsewhere | c (n: lowest KL) |
-| ``modes`` | pi | α = GMLG, τ per modality (frontier search) | — |
+| ``modes`` | pi | α ∝ KL^γ, γ ∈ GAMMAS chosen by calibration KL, τ per modality (frontier search) | — |
+| ``modes_paper`` | pi | α = GMLG (γ = 1, the paper's), τ per modality (frontier search) | — |
 
 - median_l: median over the calibration tokens of π_j / π_top1 over the non-top-1 slots at layer
   l (NAEE's per-layer median of w2 / w1, generalised to top-k); c = 1 is NAEE's own rule.
@@ -42,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,7 @@ from modes_fx.schedule import Schedule
 from .calibrate import GridSpec, search_thresholds
 from .data import prepare
 from .grids import exp_x
-from .importance import importance_kls, normalise
+from .importance import GAMMAS, importance_kls, normalise
 from .measure import Measurement
 from .session import CalibrationSession, default_modalities
 
@@ -284,29 +285,44 @@ class BaselineTuner:
         M = len(self.base.modalities)
         return Knob(lambda tau: self.session.schedule(alpha, [tau] * M), 0.0, 2.0 * max(max(row) for row in alpha))
 
-    def _tune_frontier(self, method: str, target: float) -> KnobSearch:
-        """Frontier search of τ per modality (α uniform for ``dmt_without_gmlg``, GMLG for
-        ``modes``) restricted to the tolerance window (see the module docstring); the point
-        closest to the target when no evaluated point is within it. Evaluations are cached per
-        method; the chosen schedule is measured once more for its per-modality skip."""
-        L, M = len(self.base.site_paths), len(self.base.modalities)
-        alpha = self.gmlg_alpha if method == "modes" else [[1.0 / L] * M for _ in range(L)]
-        grid = self.grid or GridSpec(
-            points=self.grid_points,
-            mapping="exp",
-            x_max={column: exp_x(max(row[m] for row in alpha)) for m, column in enumerate(self.base.modalities)},
-        )
-        grids = [grid.grid(column) for column in self.base.modalities]
-        cache = self._frontier_caches.setdefault(method, {})
-        before = len(cache)
-        targets = [max(target - self.tolerance, target / 2), target]
-        evaluated = search_thresholds(self.session, alpha, grids, targets, cache, progress=self.progress)[0].evaluated
-        self.passes += len(cache) - before
-        window = [e for e in evaluated if self._within(e.skip, target)]
-        if window:
-            best = min(window, key=lambda e: (e.kl, abs(e.skip - target), e.taus))
-        else:
-            best = min(evaluated, key=lambda e: (abs(e.skip - target), e.taus))
+    def tempered_alpha(self, gamma: float) -> list[list[float]]:
+        """α [L][M] ∝ KL^γ (``importance.normalise``); γ = 0 is uniform 1/L without any GMLG
+        pass, γ = 1 the paper's GMLG α."""
+        if gamma == 0:
+            L, M = len(self.base.site_paths), len(self.base.modalities)
+            return [[1.0 / L] * M for _ in range(L)]
+        return normalise(self.importance_kls, self.session.modalities, gamma)
+
+    def _tune_frontier(self, gammas: Sequence[float], target: float, details: dict) -> KnobSearch:
+        """Frontier search of τ per modality for α tempered by each γ of ``gammas``, restricted to
+        the tolerance window (see the module docstring): the lowest-KL point within it over all
+        γ (the larger γ on a tie), else the point closest to the target. Evaluations are cached
+        per γ (shared by the methods); the chosen schedule is measured once more for its
+        per-modality skip."""
+        found = []  # (in window, KL or distance, -γ, point, α, evaluated)
+        for gamma in gammas:
+            alpha = self.tempered_alpha(gamma)
+            grid = self.grid or GridSpec(
+                points=self.grid_points,
+                mapping="exp",
+                x_max={column: exp_x(max(row[m] for row in alpha)) for m, column in enumerate(self.base.modalities)},
+            )
+            grids = [grid.grid(column) for column in self.base.modalities]
+            cache = self._frontier_caches.setdefault(f"gamma={gamma}", {})
+            before = len(cache)
+            targets = [max(target - self.tolerance, target / 2), target]
+            evaluated = search_thresholds(self.session, alpha, grids, targets, cache, progress=self.progress)[0].evaluated
+            self.passes += len(cache) - before
+            window = [e for e in evaluated if self._within(e.skip, target)]
+            if window:
+                best = min(window, key=lambda e: (e.kl, abs(e.skip - target), e.taus))
+                found.append((0, best.kl, -gamma, best, alpha, evaluated))
+            else:
+                best = min(evaluated, key=lambda e: (abs(e.skip - target), e.taus))
+                found.append((1, abs(best.skip - target), -gamma, best, alpha, evaluated))
+        _, _, gamma, best, alpha, evaluated = min(found, key=lambda f: f[:3])
+        if len(gammas) > 1:
+            details.update(gamma=-gamma, gammas=list(gammas))
         schedule = self.session.schedule(alpha, list(best.taus))
         trace = [(e.taus, e.skip) for e in evaluated]
         return KnobSearch(best.taus, schedule, self._measure(schedule), max(e.skip for e in evaluated), trace)
@@ -362,18 +378,19 @@ def _bisected(method: str) -> Callable[[BaselineTuner, float, dict], KnobSearch]
     return lambda tuner, target, details: tuner.bisect(tuner.knob(method), target)
 
 
-def _frontier(method: str) -> Callable[[BaselineTuner, float, dict], KnobSearch]:
-    return lambda tuner, target, details: tuner._tune_frontier(method, target)
+def _frontier(gammas: Sequence[float]) -> Callable[[BaselineTuner, float, dict], KnobSearch]:
+    return lambda tuner, target, details: tuner._tune_frontier(gammas, target, details)
 
 
 _TUNERS: dict[str, Callable[[BaselineTuner, float, dict], KnobSearch]] = {
     "top_k": _bisected("top_k"),
     "uniform_threshold": _bisected("uniform_threshold"),
-    "dmt_without_gmlg": _frontier("dmt_without_gmlg"),
+    "dmt_without_gmlg": _frontier((0.0,)),
     "gmlg_one_threshold": _bisected("gmlg_one_threshold"),
     "naee": _bisected("naee"),
     "mc_moe": BaselineTuner._tune_mc_moe,
-    "modes": _frontier("modes"),
+    "modes": _frontier(GAMMAS),
+    "modes_paper": _frontier((1.0,)),
 }
 """How each method is tuned: name → f(tuner, target, details) → KnobSearch (``details``: extra
 calibration metadata the method records)."""

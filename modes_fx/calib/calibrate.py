@@ -1,7 +1,12 @@
 """``calibrate``: layer importance (GMLG) then frontier search (DMT) → a deployable Schedule.
 
-Cost: 1 reference pass + L·M ablation passes + the search passes over the calibration data
-(≤ D_0 + D_1 for two columns; about R · (M - 1) · Σ D_m for M > 2 columns, see frontier.py).
+Methods: "paper" searches τ for the paper's α (GMLG, α ∝ KL); "modes" (the default) searches
+τ for each tempered α ∝ KL^γ, γ in importance.GAMMAS (γ = 0 uniform α, γ = 1 the paper's), and
+keeps the lowest calibration KL reaching the target, so it is never worse on its own objective
+than uniform α or the paper's α (docs/calibration.md).
+
+Cost: 1 reference pass + L·M ablation passes + the search passes over the calibration data, per
+γ (≤ D_0 + D_1 for two columns; about R · (M - 1) · Σ D_m for M > 2 columns, see frontier.py).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from .cache import DiskCache, config_fingerprint, weights_fingerprint
 from .data import fingerprint, prepare
 from .frontier import FrontierResult, frontier_search, search_mode
 from .grids import MAPPINGS, PAPER_POINTS, PAPER_X_MAX, score_grid, tau_grid, top_tau
-from .importance import importance_kls, normalise
+from .importance import GAMMAS, importance_kls, normalise
 from .measure import Measurement
 from .scores import RoutingScores
 from .session import CalibrationSession, default_modalities
@@ -60,6 +65,11 @@ class GridSpec:
         if self.mapping == "linear":
             return tau_grid(self.points, "linear", x_max=x_max, tau_max=self.tau_max.get(column))
         return tau_grid(self.points, "exp", x_max=x_max)
+
+
+METHODS = ("modes", "paper")
+"""``calibrate``'s methods: "modes" chooses the tempering γ of α among importance.GAMMAS by
+calibration KL; "paper" is the paper's procedure (γ = 1)."""
 
 
 def _check_target(target_skip: float) -> None:
@@ -105,6 +115,7 @@ def calibrate(
     inner: str = "eager",
     mode: str = "auto",
     progress: bool = True,
+    method: str = "modes",
 ) -> Schedule:
     """Calibrate a MoDES schedule for ``model`` on ``data`` reaching ``target_skip``.
 
@@ -115,40 +126,57 @@ def calibrate(
     cache_dir: where the resumable cache lives (None: no cache); inner: the inner compiler of
     the ``modes`` backend used for every pass; mode: the frontier search ("auto": exact
     two-pointer walk for ≤ 2 columns, coordinate-wise frontier steps for more; see frontier.py).
-    The returned schedule records the searched KL (nats per answer token) and skip ratio, and
-    in ``calibration["grid"]`` the grid spec with the τ values searched per column ("taus")."""
+    method: "modes" (default: the tempering γ of α ∝ KL^γ among importance.GAMMAS with the lowest
+    calibration KL at the target) or "paper" (γ = 1, the paper's α).
+    The returned schedule records the searched KL (nats per answer token) and skip ratio, the
+    chosen γ and every candidate's (γ, KL, skip), and in ``calibration["grid"]`` the grid spec
+    with the τ values searched per column ("taus")."""
     _check_target(target_skip)
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
     grid = grid or GridSpec()
     batches = prepare(data)
     modalities = modalities or default_modalities(model, batches)
     fixed = None if grid.mapping == "scores" else [grid.grid(column) for column in modalities]
     session = CalibrationSession(model, batches, modalities, inner)
     cache = _cache(cache_dir, session, grid, inner, mode)
-    sections = (cache.section("importance"), cache.section("frontier")) if cache else (None, None)
+    gammas = GAMMAS if method == "modes" else (1.0,)
     observed = session.reference_observer = RoutingScores(session.num_sites, len(modalities)) if fixed is None else None
+    candidates = []  # (γ, α, grids, FrontierResult)
     with session:
-        alpha = normalise(importance_kls(session, sections[0], progress), modalities)
-        grids = fixed or [
-            grid.grid(column, observed.scores(alpha, m), [row[m] for row in alpha]) for m, column in enumerate(modalities)
-        ]
-        found = search_thresholds(session, alpha, grids, target_skip, sections[1], mode, progress)
-    if not found.feasible:
+        kls = importance_kls(session, cache.section("importance") if cache else None, progress)
+        for gamma in gammas:
+            alpha = normalise(kls, modalities, gamma)
+            grids = fixed or [
+                grid.grid(column, observed.scores(alpha, m), [row[m] for row in alpha]) for m, column in enumerate(modalities)
+            ]
+            section = cache.section(f"frontier-gamma={gamma}") if cache else None
+            candidates.append((gamma, alpha, grids, search_thresholds(session, alpha, grids, target_skip, section, mode, progress)))
+    feasible = [c for c in candidates if c[3].feasible]
+    if not feasible:
         raise ValueError(
-            f"{found.message}; the default grid (GridSpec(mapping=\"scores\"), `modes calibrate --mapping scores`) "
+            f"{candidates[-1][3].message}; the default grid (GridSpec(mapping=\"scores\"), `modes calibrate --mapping scores`) "
             "follows the data's scores and reaches any target"
         )
+    gamma, alpha, grids, found = min(feasible, key=lambda c: (c[3].best.kl, -c[0]))  # a tie: the larger γ
     return dataclasses.replace(
         session.schedule(alpha, list(found.best.taus)),
         target_skip=target_skip,
         measured_skip=found.best.skip,
         calibration={
-            "method": "modes",
+            "method": method,
+            "gamma": gamma,
+            "candidates": [
+                {"gamma": g, "kl": f.best.kl if f.feasible else None, "skip": f.best.skip if f.feasible else None,
+                 "passes": len(f.evaluated)}
+                for g, _, _, f in candidates
+            ],
             "kl": found.best.kl,
             "batches": len(batches),
             "answer_tokens": sum(b.num_answer_tokens for b in batches),
             "grid": {**asdict(grid), "taus": dict(zip(modalities, grids))},
             "search": search_mode(mode, len(grids)),
-            "passes": 1 + len(alpha) * len(modalities) + len(found.evaluated),
+            "passes": 1 + len(alpha) * len(modalities) + sum(len(c[3].evaluated) for c in candidates),
             "frontier": [[list(e.taus), e.kl, e.skip] for e in found.evaluated],
         },
     )

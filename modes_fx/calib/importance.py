@@ -27,19 +27,27 @@ def importance_kls(session: CalibrationSession, cache: MutableMapping[str, float
     return kls
 
 
-def normalise(kls: list[list[float]], modalities: list[str]) -> list[list[float]]:
-    """α [L][M]: each column of ``kls`` divided by its sum. Raises when a column sums to 0."""
+GAMMAS = (0.0, 0.5, 1.0)
+"""Temperings γ of the layer importance the default calibration chooses among: α ∝ KL^γ, so
+γ = 0 is uniform α (DMT without GMLG), γ = 1 the paper's GMLG α (docs/calibration.md)."""
+
+
+def normalise(kls: list[list[float]], modalities: list[str], gamma: float = 1.0) -> list[list[float]]:
+    """α [L][M] ∝ ``kls`` ** ``gamma`` per column, each column summing to 1 (γ = 1: the paper's
+    GMLG α; γ = 0: uniform 1/L). Raises when a column of ``kls`` sums to 0 (the data has no
+    tokens of that modality, or its answers do not depend on them), whatever ``gamma``."""
     L = len(kls)
     alpha = [[0.0] * len(modalities) for _ in range(L)]
     for m, name in enumerate(modalities):
-        total = sum(kls[l][m] for l in range(L))
-        if not total > 0:
+        if not sum(kls[l][m] for l in range(L)) > 0:
             raise ValueError(
                 f"removing the routed experts of {name!r} tokens changes no answer in any layer: "
                 f"the calibration data has no {name} tokens, or its answers do not depend on them"
             )
+        weights = [kls[l][m] ** gamma for l in range(L)]  # 0 ** 0 = 1: γ = 0 is uniform
+        total = sum(weights)
         for l in range(L):
-            alpha[l][m] = kls[l][m] / total
+            alpha[l][m] = weights[l] / total
     return alpha
 
 
