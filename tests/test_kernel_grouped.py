@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_kernel_fast import ACTIVATIONS, TOKENS, mixes, modality_keep
+from test_kernel_fast import ACTIVATIONS, TOKENS, _args, mixes
 from test_op_masked_experts import make_case
 
 from modes_fx import ops
@@ -28,15 +28,6 @@ aligned = st.fixed_dictionaries(
         "p_keep": st.floats(0.0, 1.0),
     }
 )
-
-
-def _args(shapes: dict, mix, **dtypes):
-    kwargs = dict(shapes)
-    kwargs["top_k"] = 1 + int(kwargs.pop("k_frac") * (kwargs["num_experts"] - 1))
-    hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj = make_case(**kwargs, **dtypes)
-    if mix is not None:
-        keep = modality_keep(shapes["seed"], top_k_weights, *mix)
-    return hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj
 
 
 @settings(max_examples=300, deadline=None)
