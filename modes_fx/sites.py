@@ -133,6 +133,12 @@ REFUSED_BLOCKS = {
         "e_score_correction_bias; modes-fx keys thresholds on one modality id per token of the call "
         "and rewrites only routers that select by the routing weight itself"
     ),
+    "AriaTextMoELayer": (
+        "Aria MoE: the router takes the top-k of the raw logits and softmaxes only the selected ones, "
+        "so the traced graph holds no routing weight before selection for modes-fx to threshold, and "
+        "its experts store their weights transposed (not the [E, 2I, H] / [E, H, I] layout "
+        "modes::masked_experts runs)"
+    ),
 }
 _UNKNOWN_ROUTER = (
     "router {router} selects experts by a formula modes-fx does not know (neither softmax top-k nor "

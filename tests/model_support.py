@@ -29,6 +29,7 @@ FAMILIES = {
     "glm4v_moe": "GLM-4.5V-MoE",
     "llama4": "Llama4",
     "ernie4_5_vl_moe": "Ernie-4.5-VL-MoE",
+    "aria": "Aria",
     "ernie4_5_moe": "Ernie-4.5-MoE",
     "minimax_m2": "MiniMax-M2",
 }
