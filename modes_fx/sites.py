@@ -133,26 +133,43 @@ REFUSED_BLOCKS = {
         "e_score_correction_bias; modes-fx keys thresholds on one modality id per token of the call "
         "and rewrites only routers that select by the routing weight itself"
     ),
+    "AriaTextMoELayer": (
+        "Aria MoE: the router takes the top-k of the raw logits and softmaxes only the selected ones, "
+        "so the traced graph holds no routing weight before selection for modes-fx to threshold, and "
+        "its experts store their weights transposed (not the [E, 2I, H] / [E, H, I] layout "
+        "modes::masked_experts runs)"
+    ),
 }
 _UNKNOWN_ROUTER = (
     "router {router} selects experts by a formula modes-fx does not know (neither softmax top-k nor "
     "DeepSeek-V3 sigmoid grouped top-k when probed, e.g. a selection bias)"
 )
 
+_OFFLOADED = (
+    "its router or expert weights are on the meta device (offloaded: accelerate's device_map "
+    "\"disk\" entries load them only inside its hooks, for one call); modes-fx finds each site by "
+    "its router weight and runs the kept experts from the expert weights itself, so keep the MoE "
+    "layers in memory (map them to a device) and offload other modules"
+)
+
 
 def unsupported_moe_blocks(model: torch.nn.Module, sites: list[MoESite] | None = None) -> list[UnsupportedBlock]:
     """MoE blocks of ``model`` that modes-fx will not rewrite, in module order: blocks of a
-    refused family (``REFUSED_BLOCKS``) and, outside those, sites whose router is "unknown".
+    refused family (``REFUSED_BLOCKS``) and, outside those, sites whose weights are offloaded
+    (meta tensors; their probe cannot run either) or whose router is "unknown".
     ``sites``: see ``known_sites``."""
     sites = known_sites(model, sites)
     refused = [UnsupportedBlock(path, REFUSED_BLOCKS[type(m).__name__]) for path, m in model.named_modules() if type(m).__name__ in REFUSED_BLOCKS]
     inside = tuple(f"{b.path}." for b in refused)
-    unknown = [
-        UnsupportedBlock(site.path, _UNKNOWN_ROUTER.format(router=site.router_path))
-        for site in sites
-        if site.router_kind == "unknown" and not site.path.startswith(inside)
-    ]
-    return refused + unknown
+    others = []
+    for site in sites:
+        if site.path.startswith(inside):
+            continue
+        if any(p.is_meta for p in site_parameters(model, site).values()):
+            others.append(UnsupportedBlock(site.path, _OFFLOADED))
+        elif site.router_kind == "unknown":
+            others.append(UnsupportedBlock(site.path, _UNKNOWN_ROUTER.format(router=site.router_path)))
+    return refused + others
 
 
 def check_supported(model: torch.nn.Module, sites: list[MoESite] | None = None) -> None:

@@ -29,7 +29,8 @@ EXTRA_MODELS = {
     "minimax_m2": (tf.MiniMaxM2ForCausalLM, tf.MiniMaxM2Config, dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8)),
     "gpt_oss": (tf.GptOssForCausalLM, tf.GptOssConfig, dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8)),
     # Families modes-fx refuses (sites.REFUSED_BLOCKS): Llama4 (dense bmm over all experts, top-1
-    # sigmoid) and Ernie-4.5-VL (separate text / vision expert groups, biased selection).
+    # sigmoid), Ernie-4.5-VL (separate text / vision expert groups, biased selection) and Aria
+    # (softmax over the top-k raw logits, transposed experts).
     "llama4": (tf.Llama4ForCausalLM, tf.Llama4TextConfig, dict(
         intermediate_size=32, intermediate_size_mlp=64, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
         attention_chunk_size=64,
@@ -42,6 +43,11 @@ EXTRA_MODELS = {
         vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=4, spatial_merge_size=2),
         image_token_id=120, video_token_id=121, image_start_token_id=122, image_end_token_id=123,
         video_start_token_id=124, video_end_token_id=125, tie_word_embeddings=False,
+    )),
+    "aria": (tf.AriaForConditionalGeneration, tf.AriaConfig, dict(
+        text_config=dict(_COMMON, intermediate_size=32, head_dim=16, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
+        image_token_index=120, projector_patch_to_query_dict={16: 4},  # 16 patches → 4 image tokens
     )),
 }
 

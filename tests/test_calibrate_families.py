@@ -1,6 +1,7 @@
 """calibrate() end to end beyond Qwen3-VL-MoE: a tiny InternVL-MoE with image inputs (two
-columns, exact two-pointer search) and the tiny Qwen3-Omni-MoE thinker with text, image, video
-and audio tokens in every input (four τ columns, coordinate-wise frontier search). Each yields a
+columns, exact two-pointer search), the tiny Qwen3-Omni-MoE thinker with text, image, video
+and audio tokens in every input (four τ columns, coordinate-wise frontier search) and a tiny
+Qwen3.5-MoE with an image and a video in every input (text and vision columns). Each yields a
 schedule that reaches its target when deployed with attach + backend="modes"."""
 import math
 
@@ -33,7 +34,11 @@ def _deployed_skip(model, data, schedule) -> modes_fx.tracking.SkipTracker:
 
 @pytest.mark.parametrize(
     "name,modalities,search",
-    [("internvl_moe", None, "two_pointer"), ("qwen3_omni_moe", ["text", "image", "video", "audio"], "coordinate")],
+    [
+        ("internvl_moe", None, "two_pointer"),
+        ("qwen3_omni_moe", ["text", "image", "video", "audio"], "coordinate"),
+        ("qwen3_5_moe", None, "two_pointer"),
+    ],
 )
 def test_calibrated_schedule_meets_its_target_when_deployed(name, modalities, search):
     model = build(name, experts_implementation="grouped_mm")

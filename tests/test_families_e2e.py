@@ -1,10 +1,12 @@
 """``backend="modes"`` end to end on the multimodal MoE families beyond Qwen3-VL-MoE:
 InternVL with a Qwen3-MoE language model (InternVL-3.5 MoE; image tokens from its own image
-token id) and the Qwen3-Omni-MoE thinker (text, image, video and audio tokens in one input, a
-four-column schedule). Every experts implementation; τ = 0 equals the uncompiled model (forward
-and generate), τ = +inf for one modality equals removing that modality's routed experts, and
-mid thresholds equal an independent emulation of the rule, with ``track()`` counting the same
-pairs."""
+token id), the Qwen3-Omni-MoE thinker (text, image, video and audio tokens in one input, a
+four-column schedule) and Qwen3.5-MoE (linear and full attention layers, so ``generate`` runs
+on a hybrid cache; a sigmoid-gated shared expert in every MoE block). Every experts
+implementation; τ = 0 equals the uncompiled model (forward and generate), τ = +inf for one
+modality equals removing that modality's routed experts, τ = +inf for all of them leaves only
+the shared experts running, and mid thresholds equal an independent emulation of the rule, with
+``track()`` counting the same pairs."""
 import math
 
 import pytest
@@ -26,7 +28,11 @@ from modes_fx.harness.testing import (
 )
 
 EAGER_INNER = {"inner": "eager"}
-COLUMNS = {"internvl_moe": ["text", "image"], "qwen3_omni_moe": ["text", "image", "video", "audio"]}
+COLUMNS = {
+    "internvl_moe": ["text", "image"],
+    "qwen3_omni_moe": ["text", "image", "video", "audio"],
+    "qwen3_5_moe": ["text", "image", "video"],
+}
 # Thresholds and per-layer importance that skip some but not all pairs of every modality.
 TAU = {"text": 0.3, "image": 0.25, "video": 0.35, "audio": 0.2}
 ALPHA = {"text": [0.7, 0.3], "image": [0.4, 0.6], "video": [0.5, 0.5], "audio": [0.8, 0.2]}
@@ -108,6 +114,26 @@ def test_tau_inf_for_one_modality_equals_removing_its_routed_experts(compiled):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         assert t.by_modality[kind] == 1.0
         assert all(r == 0.0 for m, r in t.by_modality.items() if m != kind), (kind, t.by_modality)
+
+
+def test_tau_inf_for_every_modality_leaves_only_the_shared_experts(compiled):
+    compiled.use(tau={kind: math.inf for kind in COLUMNS[compiled.name]})
+    with modes_fx.track() as t:
+        got = _logits(compiled.model, compiled.inputs)
+    blocks = [compiled.twin.get_submodule(s.path) for s in runtime.state_of(compiled.model).sites]
+    shared = [getattr(b, n) for b in blocks for n in ("shared_expert", "shared_experts") if hasattr(b, n)]
+    with remove_routed_experts(compiled.twin, modality_mask(compiled.twin, "all")):
+        routed_removed = _logits(compiled.twin, compiled.inputs)
+        handles = [m.register_forward_hook(lambda module, args, out: torch.zeros_like(out)) for m in shared]
+        try:
+            moe_removed = _logits(compiled.twin, compiled.inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    assert t.skip_ratio == 1.0
+    torch.testing.assert_close(got, routed_removed, rtol=1e-5, atol=1e-5)
+    if shared:  # Qwen3.5-MoE: a sigmoid-gated shared expert in every block
+        assert (routed_removed - moe_removed).abs().max().item() > 1e-3, "the shared experts must change the output"
 
 
 def test_mid_thresholds_match_an_independent_reference_and_track_counts(compiled):

@@ -1,7 +1,7 @@
 """Families modes-fx refuses: Llama4 (every expert runs on every token as one dense bmm; top-1
-sigmoid scores scale the expert input) and Ernie-4.5-VL-MoE (separate text and vision expert
-groups on data-dependent token subsets, bias-corrected selection), plus any router of an unknown
-kind. Refused where users meet them: ``Schedule.constant`` / ``attach`` raise naming each block
+sigmoid scores scale the expert input), Ernie-4.5-VL-MoE (separate text and vision expert
+groups on data-dependent token subsets, bias-corrected selection) and Aria (softmax over the
+top-k raw logits, transposed experts), plus any router of an unknown kind. Refused where users meet them: ``Schedule.constant`` / ``attach`` raise naming each block
 and why; compiled without a schedule, the backend's report lists each router left untouched and
 the model computes exactly what it computes uncompiled."""
 import pytest
@@ -16,6 +16,7 @@ from modes_fx.harness.testing import TEXT_ID_HIGH, TEXT_ID_LOW, build
 REFUSED = {
     "llama4": (["model.layers.0.feed_forward", "model.layers.1.feed_forward"], "dense bmm over all experts", "raw router logits"),
     "ernie4_5_vl_moe": (["model.language_model.layers.1.mlp"], "separate text and vision expert groups", "adds a bias to the softmax"),
+    "aria": (["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp"], "softmaxes only the selected ones", "raw router logits"),
 }
 
 

@@ -14,7 +14,7 @@ compare ``modes_fx`` against it.
   biases get a seeded normal of std ``CORRECTION_BIAS_STD``.
 - ``text_inputs`` / ``image_inputs`` / ``mixed_inputs``: hand-built inputs (no tokenizer or
   processor needed); ``mixed_inputs`` puts one item of every modality the model takes in each row
-  (InternVL: image; Qwen3-Omni-MoE thinker: image, video and audio).
+  (InternVL: image; Qwen3-Omni-MoE thinker: image, video and audio; Qwen3.5-MoE: image and video).
 - ``calibration_items``: calibration data (inputs + labels on the last tokens) for ``modes_fx.calib``.
 - ``remove_routed_experts(model, token_mask_fn)``: context manager zeroing the routed experts'
   output rows of the selected tokens in every MoE layer (shared experts still run).
@@ -25,7 +25,7 @@ Token id layout of every tiny model (vocab 128): 0 pad, 1 bos, 2 eos, ordinary t
 ``[TEXT_ID_LOW, TEXT_ID_HIGH)``; the multimodal ones (Qwen3-VL-MoE, Kimi-K2.5, GLM-4.5V-MoE)
 also have image 120, video 121, vision (GLM: image) start 122 and end 123; InternVL-MoE image 120;
 the Qwen3-Omni-MoE thinker image, video, vision start/end as Qwen3-VL-MoE and audio 124,
-audio_start 125, audio_end 126.
+audio_start 125, audio_end 126; Qwen3.5-MoE as Qwen3-VL-MoE.
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ from modes_fx.compiled import is_compiled
 MODEL_NAMES = ("qwen3_vl_moe", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe")
 # Also built by ``build``; kept out of MODEL_NAMES, whose suites are parametrised over it.
 # internvl_moe: InternVL with a Qwen3-MoE language model (the InternVL-3.5 MoE family);
-# qwen3_omni_moe: the Qwen3-Omni-MoE thinker (text, image, video and audio tokens).
-MULTIMODAL_MOE_NAMES = ("internvl_moe", "qwen3_omni_moe")
+# qwen3_omni_moe: the Qwen3-Omni-MoE thinker (text, image, video and audio tokens);
+# qwen3_5_moe: Qwen3.5-MoE (hybrid linear / full attention, a sigmoid-gated shared expert).
+MULTIMODAL_MOE_NAMES = ("internvl_moe", "qwen3_omni_moe", "qwen3_5_moe")
 # DeepSeek-V3-style routers (sigmoid scores, selection-only correction bias, grouped top-k,
 # renormalisation, routed scaling factor, shared experts); ``build`` makes these too. Their
 # first layer is dense (first_k_dense_replace = 1), so they have SIGMOID_MOE_LAYERS MoE layers.
@@ -89,6 +90,21 @@ _COMMON_TEXT = dict(
     eos_token_id=EOS_ID,
     tie_word_embeddings=False,
     use_cache=True,
+)
+
+# Vision tower of Qwen3-VL-MoE and Qwen3.5-MoE (one block; a 4×6 patch grid → 6 image tokens).
+_QWEN_VISION = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    in_channels=IN_CHANNELS,
+    patch_size=PATCH_SIZE,
+    temporal_patch_size=TEMPORAL_PATCH_SIZE,
+    spatial_merge_size=SPATIAL_MERGE_SIZE,
+    out_hidden_size=HIDDEN,
+    num_position_embeddings=16,
+    initializer_range=INIT_STD,
 )
 
 
@@ -210,20 +226,7 @@ def _config(name: str):
                 "mrope_interleaved": True,
             },
         )
-        vision = dict(
-            depth=1,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            in_channels=IN_CHANNELS,
-            patch_size=PATCH_SIZE,
-            temporal_patch_size=TEMPORAL_PATCH_SIZE,
-            spatial_merge_size=SPATIAL_MERGE_SIZE,
-            out_hidden_size=HIDDEN,
-            num_position_embeddings=16,
-            deepstack_visual_indexes=[0],
-            initializer_range=INIT_STD,
-        )
+        vision = dict(_QWEN_VISION, deepstack_visual_indexes=[0])
         return tf.Qwen3VLMoeConfig(
             text_config=text,
             vision_config=vision,
@@ -320,6 +323,39 @@ def _config(name: str):
             initializer_range=INIT_STD,
             pad_token_id=PAD_ID,
         )
+    if name == "qwen3_5_moe":
+        # layer 0 linear attention (gated delta net: transformers' torch fallback on CPU, no
+        # causal-conv1d / fla kernels), layer 1 full attention; partial rotary 0.5 of head_dim 16
+        # leaves 4 rotary pairs for M-RoPE's (t, h, w) sections.
+        text = dict(
+            _COMMON_TEXT,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=NUM_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            layer_types=["linear_attention", "full_attention"],
+            linear_conv_kernel_dim=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 1, 1],
+                "mrope_interleaved": True,
+                "partial_rotary_factor": 0.5,
+            },
+        )
+        return tf.Qwen3_5MoeConfig(
+            text_config=text,
+            vision_config=_QWEN_VISION,
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            vision_start_token_id=VISION_START_ID,
+            vision_end_token_id=VISION_END_ID,
+            tie_word_embeddings=False,
+        )
     raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(MODEL_NAMES + MULTIMODAL_MOE_NAMES + SIGMOID_MODEL_NAMES)}")
 
 
@@ -334,6 +370,7 @@ def _model_class(name: str):
         "qwen2_moe": tf.Qwen2MoeForCausalLM,
         "internvl_moe": tf.InternVLForConditionalGeneration,
         "qwen3_omni_moe": tf.Qwen3OmniMoeThinkerForConditionalGeneration,
+        "qwen3_5_moe": tf.Qwen3_5MoeForConditionalGeneration,
         "deepseek_v3": tf.DeepseekV3ForCausalLM,
         "kimi_k25": tf.Kimi_K25ForConditionalGeneration,
         "glm4v_moe": tf.Glm4vMoeForConditionalGeneration,
@@ -518,7 +555,7 @@ def image_inputs(
     text_before: int = 3,
     text_after: int = 4,
 ) -> dict:
-    """Inputs with one image per row, for qwen3_vl_moe, glm4v_moe and kimi_k25, built the way
+    """Inputs with one image per row, for qwen3_vl_moe, qwen3_5_moe, glm4v_moe and kimi_k25, built the way
     their processors would.
 
     Row layout: [pad…] text×text_before, vision_start, image×n, vision_end, text×text_after, with
@@ -588,8 +625,9 @@ def _internvl_image(model, gen: torch.Generator) -> tuple[list[int], dict]:
     return [model.config.image_token_id] * count, {"pixel_values": pixels}
 
 
-def _omni_vision(model, kind: str, gen: torch.Generator) -> tuple[list[int], dict]:
-    """vision_start, placeholders, vision_end and the patches of one Qwen3-Omni image or video."""
+def _qwen_vision(model, kind: str, gen: torch.Generator) -> tuple[list[int], dict]:
+    """vision_start, placeholders, vision_end and the patches of one Qwen3-Omni-MoE / Qwen3.5-MoE
+    image or video (a video also gets the seconds per grid where the forward takes them: Omni)."""
     cfg, vcfg = model.config, model.config.vision_config
     t, h, w = IMAGE_GRID_THW
     token = cfg.image_token_id if kind == "image" else cfg.video_token_id
@@ -598,7 +636,10 @@ def _omni_vision(model, kind: str, gen: torch.Generator) -> tuple[list[int], dic
     grid = torch.tensor([[t, h, w]])
     if kind == "image":
         return ids, {"pixel_values": patches, "image_grid_thw": grid}
-    return ids, {"pixel_values_videos": patches, "video_grid_thw": grid, "video_second_per_grid": torch.tensor([1.0])}
+    video = {"pixel_values_videos": patches, "video_grid_thw": grid}
+    if "video_second_per_grid" in inspect.signature(model.forward).parameters:
+        video["video_second_per_grid"] = torch.tensor([1.0])
+    return ids, video
 
 
 def _omni_audio(model, gen: torch.Generator) -> tuple[list[int], dict]:
@@ -616,9 +657,13 @@ def _omni_audio(model, gen: torch.Generator) -> tuple[list[int], dict]:
 _MIXED_ITEMS = {
     "InternVLForConditionalGeneration": {"image": _internvl_image},
     "Qwen3OmniMoeThinkerForConditionalGeneration": {
-        "image": lambda m, g: _omni_vision(m, "image", g),
-        "video": lambda m, g: _omni_vision(m, "video", g),
+        "image": lambda m, g: _qwen_vision(m, "image", g),
+        "video": lambda m, g: _qwen_vision(m, "video", g),
         "audio": _omni_audio,
+    },
+    "Qwen3_5MoeForConditionalGeneration": {
+        "image": lambda m, g: _qwen_vision(m, "image", g),
+        "video": lambda m, g: _qwen_vision(m, "video", g),
     },
 }
 
@@ -638,14 +683,16 @@ def mixed_kinds(model: torch.nn.Module) -> tuple[str, ...]:
 def mixed_inputs(model: torch.nn.Module, batch: int = 1, seed: int = 0, pad: bool = False, text: int = 2) -> dict:
     """Inputs with one item of every non-text kind the model takes in each row (``mixed_kinds``),
     ``text`` ordinary text tokens before each item and after the last, built the way the
-    model's processor would (InternVL: image placeholders only; Qwen3-Omni-MoE thinker: each item
-    between its start and end tokens).
+    model's processor would (InternVL: image placeholders only; Qwen3-Omni-MoE thinker and
+    Qwen3.5-MoE: each item between its start and end tokens).
 
     With ``pad``, row 0 has one more text token at the start than the other rows, which are
     left-padded by one token to the same length. Returns input_ids, attention_mask and the
     per-item tensors concatenated over the rows (pixel_values, image_grid_thw,
     pixel_values_videos, video_grid_thw, video_second_per_grid, input_features,
-    feature_attention_mask: whatever the kinds need)."""
+    feature_attention_mask: whatever the kinds need) and, for models whose forward takes it,
+    mm_token_type_ids int64[batch, S] (1 on image, 2 on video tokens, 0 elsewhere: what the
+    processor's ``create_mm_token_type_ids`` returns and what M-RoPE needs)."""
     builders = _mixed_items(model)
     gen = torch.Generator().manual_seed(seed)
     rows, tensors = [], {}
@@ -664,7 +711,11 @@ def mixed_inputs(model: torch.nn.Module, batch: int = 1, seed: int = 0, pad: boo
     for row, ids in enumerate(rows):
         input_ids[row, length - len(ids):] = torch.tensor(ids)
         attention_mask[row, length - len(ids):] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, **{k: torch.cat(v) for k, v in tensors.items()}}
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **{k: torch.cat(v) for k, v in tensors.items()}}
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        cfg = model.config
+        inputs["mm_token_type_ids"] = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
+    return inputs
 
 
 def calibration_items(
