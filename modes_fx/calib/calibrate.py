@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from modes_fx.schedule import Schedule
+from modes_fx.schedule import OperatingPoint, Schedule
 
 from .cache import DiskCache, config_fingerprint, weights_fingerprint
 from .data import fingerprint, prepare
@@ -62,9 +62,17 @@ class GridSpec:
         return tau_grid(self.points, "exp", x_max=x_max)
 
 
-def _check_target(target_skip: float) -> None:
-    if not (isinstance(target_skip, (int, float)) and 0.0 < target_skip < 1.0):
-        raise ValueError(f"target_skip must be in (0, 1) exclusive, got {target_skip!r}")
+def _check_targets(target_skip: float | Sequence[float]) -> list[float]:
+    """The target skip ratios as a list: one, or several distinct ones, each in (0, 1)."""
+    targets = list(target_skip) if isinstance(target_skip, Sequence) else [target_skip]
+    if not targets:
+        raise ValueError("target_skip must be a ratio or a non-empty sequence of ratios")
+    for target in targets:
+        if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0.0 < target < 1.0):
+            raise ValueError(f"target_skip must be in (0, 1) exclusive, got {target!r}")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"target skips must be distinct, got {targets}")
+    return targets
 
 
 def _cache(cache_dir, session: CalibrationSession, grid: GridSpec, inner: str, mode: str) -> DiskCache | None:
@@ -98,7 +106,7 @@ def _cache(cache_dir, session: CalibrationSession, grid: GridSpec, inner: str, m
 def calibrate(
     model: torch.nn.Module,
     data: Iterable[dict],
-    target_skip: float = 0.88,
+    target_skip: float | Sequence[float] = 0.88,
     modalities: list[str] | None = None,
     grid: GridSpec | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -108,6 +116,11 @@ def calibrate(
 ) -> Schedule:
     """Calibrate a MoDES schedule for ``model`` on ``data`` reaching ``target_skip``.
 
+    target_skip: one skip ratio in (0, 1), or a sequence of distinct ones: then the schedule
+    holds one operating point per target (``Schedule.points``, the first active; switch with
+    ``modes_fx.use``), all from one GMLG pass and one frontier cache (the walks share every
+    evaluation).
+
     data: calibration items (calib/data.py); modalities: schedule columns (default text plus
     vision/audio when present in the data); grid: τ grids (default: ``GridSpec()``, D = 100
     points per column following the data's scores α · π, so any target is reachable; the
@@ -115,9 +128,10 @@ def calibrate(
     cache_dir: where the resumable cache lives (None: no cache); inner: the inner compiler of
     the ``modes`` backend used for every pass; mode: the frontier search ("auto": exact
     two-pointer walk for ≤ 2 columns, coordinate-wise frontier steps for more; see frontier.py).
-    The returned schedule records the searched KL (nats per answer token) and skip ratio, and
-    in ``calibration["grid"]`` the grid spec with the τ values searched per column ("taus")."""
-    _check_target(target_skip)
+    The returned schedule records the searched KL (nats per answer token) and skip ratio (of
+    the active point), and in ``calibration["grid"]`` the grid spec with the τ values searched
+    per column ("taus")."""
+    targets = _check_targets(target_skip)
     grid = grid or GridSpec()
     batches = prepare(data)
     modalities = modalities or default_modalities(model, batches)
@@ -131,16 +145,22 @@ def calibrate(
         grids = fixed or [
             grid.grid(column, observed.scores(alpha, m), [row[m] for row in alpha]) for m, column in enumerate(modalities)
         ]
-        found = search_thresholds(session, alpha, grids, target_skip, sections[1], mode, progress)
-    if not found.feasible:
-        raise ValueError(
-            f"{found.message}; the default grid (GridSpec(mapping=\"scores\"), `modes calibrate --mapping scores`) "
-            "follows the data's scores and reaches any target"
-        )
+        results = search_thresholds(session, alpha, grids, targets, sections[1], mode, progress)
+    for found in results:
+        if not found.feasible:
+            raise ValueError(
+                f"{found.message}; the default grid (GridSpec(mapping=\"scores\"), `modes calibrate --mapping scores`) "
+                "follows the data's scores and reaches any target"
+            )
+    points = [
+        OperatingPoint(session.schedule(alpha, list(r.best.taus)).rule, r.target, r.best.skip, r.best.kl) for r in results
+    ]
+    found = results[0]
     return dataclasses.replace(
         session.schedule(alpha, list(found.best.taus)),
-        target_skip=target_skip,
+        target_skip=found.target,
         measured_skip=found.best.skip,
+        points=tuple(points) if len(points) > 1 else (),
         calibration={
             "method": "modes",
             "kl": found.best.kl,
