@@ -13,7 +13,7 @@ import modes_fx
 from modes_fx import cli
 from modes_fx.calib import GridSpec, calibrate
 from modes_fx.calib.session import CalibrationSession
-from modes_fx.harness.testing import build, calibration_items
+from modes_fx.harness.testing import build, calibration_items, text_inputs
 from modes_fx.rules import PiRule
 from modes_fx.schedule import FORMAT_VERSION, OperatingPoint, Schedule
 
@@ -233,3 +233,32 @@ def test_calibrate_command_takes_several_targets(tmp_path, capsys):
     schedule = Schedule.load(out)
     assert schedule.targets == [0.3, 0.6] and schedule.target_skip == 0.3
     assert "operating points (2" in capsys.readouterr().out
+
+
+def test_switching_points_under_inductor_reuses_the_compiled_graph():
+    """The same with the default inner compiler (inductor) on a text model and hand-made points:
+    each switch changes the skip, compiles nothing, and gives the outputs of the point alone."""
+    model = build("qwen3_moe")
+    points = tuple(
+        OperatingPoint(Schedule.constant(model, tau={"text": tau}).rule, target) for target, tau in ((0.2, 0.1), (0.6, 0.4))
+    )
+    schedule = dataclasses.replace(Schedule.constant(model, tau={}), rule=points[0].rule, target_skip=0.2, points=points)
+    inputs = text_inputs(model)
+    modes_fx.attach(model, schedule)
+    compiled = torch.compile(model, backend="modes")
+    try:
+        with torch.no_grad():
+            compiled(**inputs)
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            skips, outputs = [], []
+            for target in (0.6, 0.2):
+                modes_fx.use(model, skip=target)
+                with modes_fx.track() as stats:
+                    outputs.append(compiled(**inputs).logits)
+                skips.append(stats.skip_ratio)
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+            assert skips[0] > skips[1]
+            modes_fx.attach(model, dataclasses.replace(schedule.at(0.6), points=()))
+            assert torch.equal(compiled(**inputs).logits, outputs[0])
+    finally:
+        modes_fx.detach(model)
