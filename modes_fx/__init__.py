@@ -6,16 +6,17 @@ torch.compile backend.
     with modes_fx.track() as t:
         model.generate(**inputs)
     print(t.skip_ratio)
+    modes_fx.use(model, skip=0.75)       # another operating point of the schedule, no recompile
 
 W4A16 (int4 weights, bf16 activations) before attaching: ``modes_fx.quantize_experts(model)``.
 """
-from modes_fx.attach import attach, detach, running_dense
+from modes_fx.attach import attach, detach, running_dense, use
 from modes_fx.backend import last_report, reset_report
 from modes_fx.fallback import ModesFallbackWarning
 from modes_fx.schedule import Schedule
 from modes_fx.tracking import track
 
-__all__ = ["ModesFallbackWarning", "Schedule", "attach", "calibrate", "detach", "last_report", "quantize_experts", "reset_report", "running_dense", "track"]
+__all__ = ["ModesFallbackWarning", "Schedule", "attach", "calibrate", "detach", "last_report", "quantize_experts", "reset_report", "running_dense", "track", "use"]
 
 
 def __getattr__(name: str):

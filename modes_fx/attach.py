@@ -1,4 +1,5 @@
-"""``attach`` / ``detach``: bind a Schedule to a Hugging Face MoE model."""
+"""``attach`` / ``detach``: bind a Schedule to a Hugging Face MoE model; ``use``: switch it to
+another of the schedule's operating points."""
 from __future__ import annotations
 
 import contextlib
@@ -86,6 +87,24 @@ def attach(model: torch.nn.Module, schedule: Schedule | str | os.PathLike | None
     ]
     runtime.register(state, model)
     return model
+
+
+def use(model: torch.nn.Module, skip: float) -> Schedule:
+    """Switch the attached (possibly compiled) ``model`` to the operating point of its schedule
+    whose target skip ratio is ``skip`` (``Schedule.targets``); takes effect at the next call,
+    without recompiling (only the threshold table and the rule change, see
+    ``runtime.AttachedState.set_thresholds``). ``runtime.state_of(model).schedule`` is the
+    schedule with that point active (its ``target_skip`` says which). Returns it.
+
+    ValueError when nothing is attached to ``model`` or no point has that target (listing the
+    available targets)."""
+    state = runtime.state_of(model)
+    if state is None:
+        raise ValueError(f"use: no schedule is attached to this {type(model).__name__}")
+    schedule = state.schedule.at(skip)
+    state.set_thresholds(schedule.thresholds(), type(schedule.rule))
+    state.schedule = schedule
+    return schedule
 
 
 @contextlib.contextmanager

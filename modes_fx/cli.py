@@ -63,8 +63,11 @@ def _check_calibrate_args(args) -> None:
     from modes_fx.calib.files import SUFFIXES
     from modes_fx.modality import check_columns
 
-    if not (0.0 < args.target_skip < 1.0):  # also refuses NaN
-        raise UsageError(f"--target-skip must be in (0, 1) exclusive, got {args.target_skip}")
+    for target in args.target_skip:
+        if not (0.0 < target < 1.0):  # also refuses NaN
+            raise UsageError(f"--target-skip must be in (0, 1) exclusive, got {target}")
+    if len(set(args.target_skip)) != len(args.target_skip):
+        raise UsageError(f"--target-skip values must be distinct, got {' '.join(map(str, args.target_skip))}")
     if args.points < 2:
         raise UsageError(f"--points must be at least 2, got {args.points}")
     if args.tau_max is not None and not (math.isfinite(args.tau_max) and args.tau_max > 0):
@@ -104,8 +107,9 @@ def _calibrate(args) -> int:
     grid = GridSpec(points=args.points, mapping=args.mapping)
     if args.tau_max is not None:
         grid = GridSpec(points=args.points, mapping="linear", tau_max={c: args.tau_max for c in COLUMN_NAMES})
+    targets = args.target_skip if len(args.target_skip) > 1 else args.target_skip[0]
     schedule = calibrate(
-        model, load_data(args.data), target_skip=args.target_skip, modalities=args.modalities, grid=grid,
+        model, load_data(args.data), target_skip=targets, modalities=args.modalities, grid=grid,
         cache_dir=args.cache_dir, inner=args.inner, method=args.method,
     )
     out = _out_file(args.out)
@@ -151,7 +155,11 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="calibrate a schedule (GMLG + frontier search) for a local model folder")
     c.add_argument("--model", required=True, help="folder loadable by transformers from_pretrained")
     c.add_argument("--data", required=True, help="calibration data: .pt (torch.save list of dicts) or .jsonl")
-    c.add_argument("--target-skip", type=float, default=0.88, help="fraction of routed pairs to skip, in (0, 1)")
+    c.add_argument(
+        "--target-skip", type=float, nargs="+", default=[0.88], metavar="RATIO",
+        help="fraction of routed pairs to skip, in (0, 1); several values: one operating point each (the first "
+             "active, switch with modes_fx.use)",
+    )
     c.add_argument("--out", required=True, help="schedule JSON to write, or a folder (e.g. the model's) to write modes_schedule.json into")
     c.add_argument(
         "--modalities", nargs="+", default=None, metavar="COLUMN",

@@ -4,7 +4,9 @@
 MoDES (rule "pi") skips the routed (token, expert) pair of a token of modality column m at MoE
 site l when α[l, m] · π < τ[m], π being the pair's routing weight (see docs/architecture.md).
 The baselines of calib/baselines.py are schedules too, with other rules ("ratio_to_top1",
-"rank"). A Schedule is made once per model (by calibration, or by hand with
+"rank"). A schedule may hold several operating points (``OperatingPoint``: a rule with its target
+skip, measured skip and calibration KL), one of them active (``rule``); ``modes_fx.use`` switches
+an attached model between them at run time. A Schedule is made once per model (by calibration, or by hand with
 ``Schedule.constant`` / ``with_rule``), saved as versioned JSON
 (``save``, or ``save_pretrained`` into the model's folder as SCHEDULE_FILE) and checked against the
 model it is attached to.
@@ -27,7 +29,7 @@ from modes_fx.modality import GROUP_COLUMNS, TOKEN_KINDS, check_columns, special
 from modes_fx.rules import RULE_VALUE_FIELDS, RULES, PiRule, Rule, check_list, is_real, rule_from_fields
 from modes_fx.sites import MoESite, check_router_weights, check_supported, find_moe_sites, model_fingerprint
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SCHEDULE_FILE = "modes_schedule.json"
 """The schedule's file name in a model folder (beside config.json): ``save_pretrained`` writes it,
 ``from_pretrained`` and ``attach(model)`` without a schedule read it."""
@@ -35,7 +37,59 @@ HOW_TO_MAKE = (
     f"make one with `modes calibrate --model DIR --data ... --out DIR/{SCHEDULE_FILE}` "
     "or `schedule.save_pretrained(DIR)`"
 )
-READABLE_VERSIONS = (1, 2)  # version 1: no rule field, always "pi"
+READABLE_VERSIONS = (1, 2, 3)  # version 1: no rule field, always "pi"; version 2: no "points"
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One operating point of a schedule: a rule and the skip ratio it was calibrated for.
+
+    rule: the skipping rule and its values [L][M] (checked against the schedule's header).
+    target_skip: the skip ratio the calibration aimed at, in (0, 1); it names the point
+        (``modes_fx.use(model, skip=target_skip)``).
+    measured_skip: the skip ratio reached on the calibration data, in [0, 1], or None.
+    kl: the calibration KL (nats per answer token) against the unskipped model, or None."""
+
+    rule: Rule
+    target_skip: float
+    measured_skip: float | None = None
+    kl: float | None = None
+
+    def validate(self, L: int, modalities: list[str], top_k: int, where: str) -> None:
+        """Raise ValueError naming ``where`` (e.g. "points[1]") and the offending field."""
+        if not isinstance(self.rule, Rule):
+            raise ValueError(f"{where}.rule must be a skipping rule, got {self.rule!r}")
+        try:
+            self.rule.validate(L, modalities, top_k)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if not (is_real(self.target_skip) and 0.0 < self.target_skip < 1.0):
+            raise ValueError(f"{where}.target_skip must be a ratio in (0, 1), got {self.target_skip!r}")
+        if self.measured_skip is not None and not (is_real(self.measured_skip) and 0.0 <= self.measured_skip <= 1.0):
+            raise ValueError(f"{where}.measured_skip must be None or a ratio in [0, 1], got {self.measured_skip!r}")
+        if self.kl is not None and not (is_real(self.kl) and math.isfinite(self.kl)):
+            raise ValueError(f"{where}.kl must be None or a finite number, got {self.kl!r}")
+
+    def to_dict(self) -> dict:
+        """The point's JSON object: target_skip, measured_skip, kl, then "rule" and its fields."""
+        return {
+            "target_skip": self.target_skip, "measured_skip": self.measured_skip, "kl": self.kl,
+            "rule": self.rule.name, **self.rule.to_fields(),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping, where: str) -> OperatingPoint:
+        """Inverse of ``to_dict``; ValueError naming ``where`` on a missing or unknown field."""
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"{where} must be a JSON object, got {type(doc).__name__}")
+        unknown = sorted(set(doc) - {"target_skip", "measured_skip", "kl", "rule", *RULE_VALUE_FIELDS})
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)} in {where}")
+        missing = [name for name in ("target_skip", "rule") if name not in doc]
+        if missing:
+            raise ValueError(f"missing field(s) {', '.join(missing)} in {where}")
+        rule = rule_from_fields(doc["rule"], {k: v for k, v in doc.items() if k in RULE_VALUE_FIELDS})
+        return cls(rule=rule, target_skip=doc["target_skip"], measured_skip=doc.get("measured_skip"), kl=doc.get("kl"))
 
 
 @dataclass(kw_only=True)
@@ -53,6 +107,10 @@ class Schedule:
         fingerprint: ``sites.model_fingerprint`` of that model ({} skips the fingerprint checks).
         target_skip, measured_skip: skip ratio (skipped pairs / (non-padding tokens × k)) the
             calibration aimed at and reached, in [0, 1], or None.
+        points: the operating points, in calibration order; () for a schedule of one point (its
+            ``rule``). Otherwise ``rule``, ``target_skip`` and ``measured_skip`` are those of the
+            active point (one of ``points``; ``at(skip)`` activates another) and the targets are
+            distinct.
         calibration: free-form JSON-serialisable metadata (data size, grid, KL, ...).
         format_version: version of the JSON format; only FORMAT_VERSION is supported.
 
@@ -69,10 +127,12 @@ class Schedule:
     fingerprint: dict[str, str] = field(default_factory=dict)
     target_skip: float | None = None
     measured_skip: float | None = None
+    points: tuple[OperatingPoint, ...] = ()
     calibration: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
+        self.points = tuple(self.points)
         self.validate()
         self.modalities = list(self.modalities)
         self.site_paths = list(self.site_paths)
@@ -120,8 +180,27 @@ class Schedule:
 
     def with_rule(self, rule: Rule) -> Schedule:
         """This schedule's header with ``rule``, e.g. ``s.with_rule(RankRule(kept_slots=[[1, 1],
-        [2, 2]]))``; target_skip, measured_skip and calibration are cleared."""
-        return dataclasses.replace(self, rule=rule, target_skip=None, measured_skip=None, calibration={})
+        [2, 2]]))``; target_skip, measured_skip, points and calibration are cleared."""
+        return dataclasses.replace(self, rule=rule, target_skip=None, measured_skip=None, points=(), calibration={})
+
+    # ------------------------------------------------------------------------------------------
+    # Operating points
+
+    @property
+    def targets(self) -> list[float]:
+        """The target skip ratios of the operating points (calibration order); [] for a schedule
+        of one point."""
+        return [p.target_skip for p in self.points]
+
+    def at(self, skip: float) -> Schedule:
+        """This schedule with the operating point whose target equals ``skip`` (as given to
+        calibration: 0.75 names the point calibrated for 0.75) active: its rule, target and
+        measured skip. ValueError listing the available targets otherwise."""
+        for point in self.points:
+            if point.target_skip == skip:
+                return dataclasses.replace(self, rule=point.rule, target_skip=point.target_skip, measured_skip=point.measured_skip)
+        available = ", ".join(f"{t:g}" for t in self.targets) or f"none: a single point, target {_fmt_ratio(self.target_skip)}"
+        raise ValueError(f"no operating point with target skip {skip!r}; available targets: {available}")
 
     # ------------------------------------------------------------------------------------------
     # Validation
@@ -144,11 +223,25 @@ class Schedule:
             raise ValueError(f"site_paths must be a non-empty list of module paths, got {self.site_paths!r}")
         self._validate_scalars()
         self._validate_rule()
+        self._validate_points()
 
     def _validate_rule(self) -> None:
         if not isinstance(self.rule, Rule):
             raise ValueError(f"rule must be a skipping rule ({', '.join(c.__name__ for c in RULES.values())}), got {self.rule!r}")
         self.rule.validate(len(self.site_paths), self.modalities, self.top_k)
+
+    def _validate_points(self) -> None:
+        if not self.points:
+            return
+        for i, point in enumerate(self.points):
+            if not isinstance(point, OperatingPoint):
+                raise ValueError(f"points[{i}] must be an OperatingPoint, got {point!r}")
+            point.validate(len(self.site_paths), self.modalities, self.top_k, f"points[{i}]")
+        if len(set(self.targets)) != len(self.points):
+            raise ValueError(f"points must have distinct target skips, got {self.targets}")
+        active = (self.rule, self.target_skip, self.measured_skip)
+        if not any((p.rule, p.target_skip, p.measured_skip) == active for p in self.points):
+            raise ValueError("rule, target_skip and measured_skip must be those of one of the points (the active one)")
 
     def _validate_scalars(self) -> None:
         for name in ("top_k", "num_experts"):
@@ -225,12 +318,16 @@ class Schedule:
 
     def to_dict(self) -> dict:
         """The JSON document: format_version first, the rule's name as "rule" followed by its
-        fields (``Rule.to_fields``: +inf τ or β written as "inf")."""
+        fields (``Rule.to_fields``: +inf τ or β written as "inf"); "points" (a list of
+        ``OperatingPoint.to_dict``) only when there are several points."""
         doc = {"format_version": self.format_version}
         for f in fields(self):
             if f.name == "rule":
                 doc["rule"] = self.rule.name
                 doc.update(self.rule.to_fields())
+            elif f.name == "points":
+                if self.points:
+                    doc["points"] = [p.to_dict() for p in self.points]
             elif f.name != "format_version":
                 doc[f.name] = copy.deepcopy(getattr(self, f.name))
         return doc
@@ -238,7 +335,8 @@ class Schedule:
     @classmethod
     def from_dict(cls, doc: Mapping) -> Schedule:
         """Inverse of ``to_dict``, also reading version 1 documents (MoDES α and τ, no rule
-        field); raises ValueError on a missing/unknown version or field."""
+        field) and version 2 ones (no "points"); raises ValueError on a missing/unknown version or
+        field."""
         if not isinstance(doc, Mapping):
             raise ValueError(f"a schedule is a JSON object, got {type(doc).__name__}")
         if "format_version" not in doc:
@@ -248,8 +346,8 @@ class Schedule:
             raise ValueError(
                 f"format_version {version!r} is not supported (expected one of {', '.join(map(str, READABLE_VERSIONS))})"
             )
-        header = {f.name for f in fields(cls)} - {"rule"}
-        names = header | (set(PiRule.field_names()) if version == 1 else {"rule", *RULE_VALUE_FIELDS})
+        header = {f.name for f in fields(cls)} - {"rule", "points"}
+        names = ({"points"} if version >= 3 else set()) | header | (set(PiRule.field_names()) if version == 1 else {"rule", *RULE_VALUE_FIELDS})
         unknown = sorted(set(doc) - names)
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)} in a version {version} schedule")
@@ -258,7 +356,11 @@ class Schedule:
         if missing:
             raise ValueError(f"missing field(s) {', '.join(missing)}")
         rule = rule_from_fields(doc.get("rule", PiRule.name), {k: v for k, v in doc.items() if k in RULE_VALUE_FIELDS})
-        return cls(**{**{k: v for k, v in doc.items() if k in header}, "format_version": FORMAT_VERSION}, rule=rule)
+        points = doc.get("points", [])
+        if not isinstance(points, list):
+            raise ValueError(f"points must be a list of operating points, got {type(points).__name__}")
+        points = tuple(OperatingPoint.from_dict(p, f"points[{i}]") for i, p in enumerate(points))
+        return cls(**{**{k: v for k, v in doc.items() if k in header}, "format_version": FORMAT_VERSION}, rule=rule, points=points)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the schedule as strict JSON (no NaN/Infinity literals), indent 2, one α row per line."""
@@ -313,8 +415,14 @@ class Schedule:
             f"Schedule for {self.model_class}: {len(self.site_paths)} MoE sites, top-{self.top_k} of "
             f"{self.num_experts} experts, format {self.format_version}, rule {self.rule.name} ({self.rule.text})",
             f"skip ratio: target {_fmt_ratio(self.target_skip)}, measured {_fmt_ratio(self.measured_skip)}",
-            f"{'':>6}{head}",
         ]
+        if self.points:
+            lines.append(f"operating points ({len(self.points)}, * active; modes_fx.use(model, skip=target) switches):")
+            for p in self.points:
+                mark = "*" if (p.rule, p.target_skip) == (self.rule, self.target_skip) else " "
+                kl = "-" if p.kl is None else f"{p.kl:.4g}"
+                lines.append(f"  {mark} target {_fmt_ratio(p.target_skip)}, measured {_fmt_ratio(p.measured_skip)}, KL {kl}, rule {p.rule.name}")
+        lines.append(f"{'':>6}{head}")
         for name, values in self.rule.column_values().items():
             lines.append(f"{name:>6}" + "".join(f"{_fmt(v):>{width}}" for v in values))
         name, rows = self.rule.site_values()
@@ -386,10 +494,10 @@ def _alpha_from_columns(by_column: Mapping[str, Sequence[float]], columns: list[
 
 
 def _dumps(doc: dict) -> str:
-    """Indented JSON with short lists (modalities, τ, each α row) kept on one line."""
+    """Indented JSON with short lists (modalities, τ, each α row, each operating point) kept on one line."""
     items = []
     for key, value in doc.items():
-        if key in ("alpha", "beta", "kept_slots"):
+        if key in ("alpha", "beta", "kept_slots", "points"):
             rows = ",\n".join(f"    {json.dumps(row, allow_nan=False)}" for row in value)
             text = f"[\n{rows}\n  ]"
         elif key in ("modalities", "tau"):

@@ -142,7 +142,7 @@ def test_constant_rejects_a_model_without_moe():
         ({"calibration": {"kl": math.inf}}, r"calibration must be a JSON-serialisable dict without NaN/inf"),
         ({"calibration": {"data": torch.zeros(1)}}, r"calibration must be a JSON-serialisable dict"),
         ({"fingerprint": {"weights": 3}}, r"fingerprint must map names to hex digests"),
-        ({"format_version": 1}, r"format_version 1 is not supported \(expected 2\)"),
+        ({"format_version": 1}, r"format_version 1 is not supported \(expected 3\)"),
     ],
 )
 def test_invalid_schedules_are_rejected_naming_the_problem(overrides, message):
@@ -361,11 +361,12 @@ def _write(tmp_path, doc) -> str:
     ("edit", "message"),
     [
         (lambda d: d.pop("format_version"), r"bad.json: invalid schedule: missing format_version"),
-        (lambda d: d.update(format_version=3), r"bad.json: invalid schedule: format_version 3 is not supported \(expected one of 1, 2\)"),
+        (lambda d: d.update(format_version=4), r"bad.json: invalid schedule: format_version 4 is not supported \(expected one of 1, 2, 3\)"),
         (lambda d: d.update(format_version="1"), r"format_version '1' is not supported"),
         (lambda d: d.update(format_version=True), r"format_version True is not supported"),
-        (lambda d: d.update(format_version=3, new_field=1), r"format_version 3 is not supported"),
-        (lambda d: d.update(colour="blue"), r"unknown field\(s\) colour in a version 2 schedule"),
+        (lambda d: d.update(format_version=4, new_field=1), r"format_version 4 is not supported"),
+        (lambda d: d.update(colour="blue"), r"unknown field\(s\) colour in a version 3 schedule"),
+        (lambda d: d.update(format_version=2, points=[]), r"unknown field\(s\) points in a version 2 schedule"),
         (lambda d: d.update(format_version=1), r"unknown field\(s\) rule in a version 1 schedule"),
         (lambda d: d.pop("alpha"), r"missing alpha: rule 'pi' takes alpha, tau"),
         (lambda d: d.pop("top_k"), r"missing field\(s\) top_k"),
@@ -501,7 +502,7 @@ def test_version_1_files_still_load_as_pi_schedules(tmp_path):
     assert loaded.thresholds()[:, 1].tolist() == pytest.approx([0.4, 0.1 / 0.75])
     again = tmp_path / "v2.json"
     loaded.save(again)
-    assert json.loads(again.read_text())["format_version"] == FORMAT_VERSION == 2
+    assert json.loads(again.read_text())["format_version"] == FORMAT_VERSION == 3
     assert Schedule.load(again) == loaded
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from modes_fx.schedule import Schedule
+from modes_fx.schedule import OperatingPoint, Schedule
 
 from .cache import DiskCache, config_fingerprint, weights_fingerprint
 from .data import fingerprint, prepare
@@ -72,9 +72,17 @@ METHODS = ("modes", "paper")
 calibration KL; "paper" is the paper's procedure (γ = 1)."""
 
 
-def _check_target(target_skip: float) -> None:
-    if not (isinstance(target_skip, (int, float)) and 0.0 < target_skip < 1.0):
-        raise ValueError(f"target_skip must be in (0, 1) exclusive, got {target_skip!r}")
+def _check_targets(target_skip: float | Sequence[float]) -> list[float]:
+    """The target skip ratios as a list: one, or several distinct ones, each in (0, 1)."""
+    targets = list(target_skip) if isinstance(target_skip, Sequence) else [target_skip]
+    if not targets:
+        raise ValueError("target_skip must be a ratio or a non-empty sequence of ratios")
+    for target in targets:
+        if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0.0 < target < 1.0):
+            raise ValueError(f"target_skip must be in (0, 1) exclusive, got {target!r}")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"target skips must be distinct, got {targets}")
+    return targets
 
 
 def _cache(cache_dir, session: CalibrationSession, grid: GridSpec, inner: str, mode: str) -> DiskCache | None:
@@ -108,7 +116,7 @@ def _cache(cache_dir, session: CalibrationSession, grid: GridSpec, inner: str, m
 def calibrate(
     model: torch.nn.Module,
     data: Iterable[dict],
-    target_skip: float = 0.88,
+    target_skip: float | Sequence[float] = 0.88,
     modalities: list[str] | None = None,
     grid: GridSpec | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -119,6 +127,11 @@ def calibrate(
 ) -> Schedule:
     """Calibrate a MoDES schedule for ``model`` on ``data`` reaching ``target_skip``.
 
+    target_skip: one skip ratio in (0, 1), or a sequence of distinct ones: then the schedule
+    holds one operating point per target (``Schedule.points``, the first active; switch with
+    ``modes_fx.use``), all from one GMLG pass and one frontier cache (the walks share every
+    evaluation).
+
     data: calibration items (calib/data.py); modalities: schedule columns (default text plus
     vision/audio when present in the data); grid: τ grids (default: ``GridSpec()``, D = 100
     points per column following the data's scores α · π, so any target is reachable; the
@@ -126,12 +139,12 @@ def calibrate(
     cache_dir: where the resumable cache lives (None: no cache); inner: the inner compiler of
     the ``modes`` backend used for every pass; mode: the frontier search ("auto": exact
     two-pointer walk for ≤ 2 columns, coordinate-wise frontier steps for more; see frontier.py).
-    method: "modes" (default: the tempering γ of α ∝ KL^γ among importance.GAMMAS with the lowest
-    calibration KL at the target) or "paper" (γ = 1, the paper's α).
-    The returned schedule records the searched KL (nats per answer token) and skip ratio, the
-    chosen γ and every candidate's (γ, KL, skip), and in ``calibration["grid"]`` the grid spec
-    with the τ values searched per column ("taus")."""
-    _check_target(target_skip)
+    method: "modes" (default: for each target, the tempering γ of α ∝ KL^γ among
+    importance.GAMMAS with the lowest calibration KL) or "paper" (γ = 1, the paper's α).
+    The returned schedule records the searched KL (nats per answer token) and skip ratio of the
+    active point, its γ and every candidate's (γ, KL, skip, passes), and in
+    ``calibration["grid"]`` the grid spec with the τ values searched per column ("taus")."""
+    targets = _check_targets(target_skip)
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
     grid = grid or GridSpec()
@@ -151,24 +164,21 @@ def calibrate(
                 grid.grid(column, observed.scores(alpha, m), [row[m] for row in alpha]) for m, column in enumerate(modalities)
             ]
             section = cache.section(f"frontier-gamma={gamma}") if cache else None
-            candidates.append((gamma, alpha, grids, search_thresholds(session, alpha, grids, target_skip, section, mode, progress)))
-    feasible = [c for c in candidates if c[3].feasible]
-    if not feasible:
-        raise ValueError(
-            f"{candidates[-1][3].message}; the default grid (GridSpec(mapping=\"scores\"), `modes calibrate --mapping scores`) "
-            "follows the data's scores and reaches any target"
-        )
-    gamma, alpha, grids, found = min(feasible, key=lambda c: (c[3].best.kl, -c[0]))  # a tie: the larger γ
+            candidates.append((gamma, alpha, grids, search_thresholds(session, alpha, grids, targets, section, mode, progress)))
+    chosen = [_best_candidate(candidates, t) for t in range(len(targets))]  # per target: (γ, α, grids, result)
+    points = [OperatingPoint(session.schedule(a, list(r.best.taus)).rule, r.target, r.best.skip, r.best.kl) for _, a, _, r in chosen]
+    gamma, alpha, grids, found = chosen[0]
     return dataclasses.replace(
         session.schedule(alpha, list(found.best.taus)),
-        target_skip=target_skip,
+        target_skip=found.target,
         measured_skip=found.best.skip,
+        points=tuple(points) if len(points) > 1 else (),
         calibration={
             "method": method,
             "gamma": gamma,
             "candidates": [
-                {"gamma": g, "kl": f.best.kl if f.feasible else None, "skip": f.best.skip if f.feasible else None,
-                 "passes": len(f.evaluated)}
+                {"gamma": g, "kl": f[0].best.kl if f[0].feasible else None, "skip": f[0].best.skip if f[0].feasible else None,
+                 "passes": len(f[0].evaluated)}
                 for g, _, _, f in candidates
             ],
             "kl": found.best.kl,
@@ -176,10 +186,23 @@ def calibrate(
             "answer_tokens": sum(b.num_answer_tokens for b in batches),
             "grid": {**asdict(grid), "taus": dict(zip(modalities, grids))},
             "search": search_mode(mode, len(grids)),
-            "passes": 1 + len(alpha) * len(modalities) + sum(len(c[3].evaluated) for c in candidates),
+            "passes": 1 + len(alpha) * len(modalities) + sum(len(c[3][0].evaluated) for c in candidates),
             "frontier": [[list(e.taus), e.kl, e.skip] for e in found.evaluated],
         },
     )
+
+
+def _best_candidate(candidates: list[tuple], target: int) -> tuple:
+    """Of (γ, α, grids, [FrontierResult per target]) candidates, (γ, α, grids, result) of the
+    lowest calibration KL reaching target number ``target`` (a tie: the larger γ); ValueError
+    when no candidate reaches it."""
+    feasible = [(g, a, grids, results[target]) for g, a, grids, results in candidates if results[target].feasible]
+    if not feasible:
+        raise ValueError(
+            f"{candidates[-1][3][target].message}; the default grid (GridSpec(mapping=\"scores\"), "
+            "`modes calibrate --mapping scores`) follows the data's scores and reaches any target"
+        )
+    return min(feasible, key=lambda c: (c[3].best.kl, -c[0]))
 
 
 def search_thresholds(
