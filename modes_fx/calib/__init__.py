@@ -1,10 +1,12 @@
 """Offline calibration (``modes_fx.calib``): layer importance (GMLG), frontier
 search over per-modality thresholds (DMT), ``calibrate`` tying them into a Schedule, and the
 baselines of the paper's comparison tuned to a measured skip ratio; calibration items from your
-own image/question/answer samples (``from_samples``). See docs/calibration.md."""
+own image/question/answer samples (``from_samples``) and their exact-match evaluation
+(``evaluate_samples``). See docs/calibration.md."""
 from .baselines import METHODS, BaselineTuner, Knob, Tuned, tune_methods
 from .calibrate import GridSpec, calibrate, evaluate_schedule, search_thresholds
 from .data import DEFAULT_ANSWER, prepare
+from .evaluation import SampleEvaluation, evaluate_samples
 from .frontier import frontier_search
 from .grids import tau_grid
 from .importance import layer_importance
@@ -17,8 +19,10 @@ __all__ = [
     "GridSpec",
     "Knob",
     "Sample",
+    "SampleEvaluation",
     "Tuned",
     "calibrate",
+    "evaluate_samples",
     "evaluate_schedule",
     "from_samples",
     "frontier_search",
