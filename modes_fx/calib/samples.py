@@ -189,7 +189,9 @@ def from_samples(processor, samples: Iterable[Sample | Mapping], batch_size: int
     """Calibration items (``modes_fx.calibrate``'s ``data``) from samples (``Sample`` or mappings
     with "image" (path, PIL image, or a list of them), "question", "answer"): batches of up to
     ``batch_size`` chats, grouped by image size (``batch_indices``), left-padded, with ``labels``
-    on the answer tokens (see module docstring). ValueError names the sample (index, and file)
+    int64 [B, S] on the answer tokens. The answer's end-of-turn token (``eos_token``) is one of
+    them: predicting where the answer stops is part of answering (``generate`` stops there); the
+    template's text after it is not (never generated). ValueError names the sample (index, and file)
     for a missing image file, an empty answer, or an answer the tokenizer cannot encode."""
     samples = as_samples(samples)
     return [encode(processor, samples, indices, answer=True) for indices in batch_indices(samples, batch_size)]
