@@ -175,7 +175,8 @@ def _evaluate(args) -> int:
     print(f"{result.samples} samples, schedule {result.schedule}")
     print(result.table())
     if args.json is not None:
-        Path(args.json).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+        numbers = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in dataclasses.asdict(result).items()}
+        Path(args.json).write_text(json.dumps(numbers, indent=2, allow_nan=False) + "\n")  # retention NaN → null
         print(f"saved {args.json}")
     return 0
 

@@ -107,6 +107,7 @@ def test_calibrate_samples_then_evaluate_from_the_command_line(folder, tmp_path,
     assert f"| skip ratio | 0 | {report['skip_ratio']:.3f} (text {report['skip_by_modality']['text']:.3f}" in printed
     assert f"| exact match | {report['dense_accuracy']:.3f} | {report['modes_accuracy']:.3f} |" in printed
     assert report["dense_seconds"] > 0 and report["modes_seconds"] > 0
+    assert (report["retention"] is None) == (report["dense_accuracy"] == 0)  # strict JSON: NaN written as null
 
 
 @pytest.mark.xfail(

@@ -25,8 +25,8 @@ class SampleEvaluation:
     Accuracies are exact-match fractions in [0, 1] after ``normalise``; ``retention`` is
     modes / dense accuracy (NaN when dense is 0); ``skip_by_modality`` maps a modality name to the
     fraction of routed pairs skipped (``track()`` over the modes run); latencies are the wall
-    seconds of all ``generate`` calls of one run (after a warm-up batch, so compilation of that
-    batch's shapes is not counted)."""
+    seconds of all ``generate`` calls of one run, timed on a second pass over the samples (the
+    first, untimed, compiles every shape the batches need)."""
 
     samples: int
     dense_accuracy: float
@@ -100,15 +100,15 @@ def evaluate_samples(
 
     Attaches the schedule and compiles ``model`` in place with ``backend="modes"`` (left attached
     and compiled); the dense run calls the uncompiled forward inside ``running_dense``. Each run
-    first generates the first batch once untimed (warm-up)."""
+    goes over the samples twice, untimed (warm-up: compilation) then timed."""
     samples = as_samples(samples)
     attach(model, schedule)
     model.compile(backend="modes", options={"inner": inner})
     batches = batch_indices(samples, batch_size)
     with running_dense(model), compiled_forward_as(model, None):
-        generate_answers(model, processor, samples, batches[:1], max_new_tokens, False)
+        generate_answers(model, processor, samples, batches, max_new_tokens, False)
         dense, dense_seconds = generate_answers(model, processor, samples, batches, max_new_tokens, progress)
-    generate_answers(model, processor, samples, batches[:1], max_new_tokens, False)
+    generate_answers(model, processor, samples, batches, max_new_tokens, False)
     with track() as tracker:
         modes, modes_seconds = generate_answers(model, processor, samples, batches, max_new_tokens, progress)
     dense_accuracy, modes_accuracy = _accuracy(dense, samples), _accuracy(modes, samples)
