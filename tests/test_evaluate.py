@@ -11,6 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import modes_fx
 from modes_fx import cli
 from modes_fx.calib import evaluate_samples, read_samples
+from modes_fx.calib.samples import batch_indices
 from modes_fx.harness import testing as T
 
 MAX_NEW_TOKENS = 3
@@ -73,15 +74,16 @@ def test_reported_skip_ratio_is_the_one_track_measures(folder):
     samples = read_samples(folder / "samples.jsonl")
     model = _load(folder)
     schedule = modes_fx.Schedule.constant(model, tau={"text": 0.3, "vision": 0.4})
-    result = evaluate_samples(model, processor, samples, schedule=schedule, max_new_tokens=MAX_NEW_TOKENS, batch_size=4, inner="eager")
-    texts = [
-        processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}], tokenize=False, add_generation_prompt=True)
-        for s in samples
-    ]
-    images = [Image.open(s.images[0]).convert("RGB") for s in samples]
-    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    result = evaluate_samples(model, processor, samples, schedule=schedule, max_new_tokens=MAX_NEW_TOKENS, batch_size=2, inner="eager")
     with torch.no_grad(), modes_fx.track() as tracker:  # the compiled model evaluate_samples left attached
-        model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=T.PAD_ID)
+        for indices in batch_indices(samples, 2):  # the same batches (rows that end early go on with padding)
+            texts = [
+                processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": samples[i].question}]}], tokenize=False, add_generation_prompt=True)
+                for i in indices
+            ]
+            images = [Image.open(samples[i].images[0]).convert("RGB") for i in indices]
+            inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
+            model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=T.PAD_ID)
     assert 0.0 < result.skip_ratio < 1.0
     assert result.skip_ratio == pytest.approx(tracker.skip_ratio, abs=1e-12)
     assert result.skip_by_modality == pytest.approx(tracker.by_modality, abs=1e-12)
