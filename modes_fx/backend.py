@@ -77,9 +77,11 @@ def _attach_when_needed(schedule, example_inputs: Sequence) -> None:
     model = call.get("self")
     is_model = isinstance(model, torch.nn.Module) and hasattr(model, "config")
     if schedule is None:
-        if not (is_model and schedule_file_beside(model)):
+        if not is_model or _inside_attached(model) or not schedule_file_beside(model):
             return
         schedule = schedule_beside(model)
+        if schedule.model_class != type(model).__name__:
+            return  # a submodule sharing the model's config (Qwen3VLMoeModel): the model's own graph attaches
     elif not is_model:
         raise RuntimeError(
             "modes: options={'schedule': ...} needs the model being compiled, and this graph does not come "
@@ -89,6 +91,15 @@ def _attach_when_needed(schedule, example_inputs: Sequence) -> None:
     args = call.get("args") or ()
     input_ids = call.get("input_ids", args[0] if args else None)
     runtime.state_of(model).begin_forward(input_ids, call.get("attention_mask"))
+
+
+def _inside_attached(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is an attached model or one of its submodules."""
+    for state in list(runtime._STATES):
+        model = state.model_ref()
+        if model is not None and any(m is module for m in model.modules()):
+            return True
+    return False
 
 
 def _traced_frame_locals() -> dict:

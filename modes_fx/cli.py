@@ -1,5 +1,5 @@
-"""The ``modes`` command line: ``modes demo``, ``modes calibrate``, ``modes schedule show FILE``,
-``modes bench speed``, ``modes bench accuracy``.
+"""The ``modes`` command line: ``modes demo``, ``modes calibrate``, ``modes evaluate``,
+``modes schedule show FILE``, ``modes bench speed``, ``modes bench accuracy``.
 
 Bad input (a missing file, a folder that is no model, an argument out of range, and the
 ValueErrors the library raises for bad data or schedules) ends the command with one
@@ -48,6 +48,25 @@ def _load_model(folder: str, experts_implementation: str):
     return cls.from_pretrained(folder, experts_implementation=experts_implementation).eval()
 
 
+def _load_processor(folder: str):
+    """The processor saved in a local model folder (``AutoProcessor.from_pretrained``)."""
+    import transformers
+
+    try:
+        return transformers.AutoProcessor.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise UsageError(f"--model {folder}: cannot load its processor with AutoProcessor ({_first_line(e)})") from None
+
+
+def _check_samples_file(samples: str) -> None:
+    path = Path(samples)
+    if path.suffix != ".jsonl":
+        got = repr(path.suffix) if path.suffix else "no suffix"
+        raise UsageError(f"--samples {samples}: samples must be a .jsonl file, got {got}")
+    if not path.is_file():
+        raise UsageError(f"--samples {samples}: no such file")
+
+
 def _check_model_folder(folder: str) -> None:
     path = Path(folder)
     if not path.exists():
@@ -77,13 +96,18 @@ def _check_calibrate_args(args) -> None:
             check_columns(args.modalities)
         except ValueError as e:
             raise UsageError(f"--modalities: {e}") from None
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     _check_model_folder(args.model)
-    data = Path(args.data)
-    if data.suffix not in SUFFIXES:
-        got = repr(data.suffix) if data.suffix else "no suffix"
-        raise UsageError(f"--data {args.data}: calibration data must be a {' or '.join(SUFFIXES)} file, got {got}")
-    if not data.is_file():
-        raise UsageError(f"--data {args.data}: no such file")
+    if args.samples is not None:
+        _check_samples_file(args.samples)
+    else:
+        data = Path(args.data)
+        if data.suffix not in SUFFIXES:
+            got = repr(data.suffix) if data.suffix else "no suffix"
+            raise UsageError(f"--data {args.data}: calibration data must be a {' or '.join(SUFFIXES)} file, got {got}")
+        if not data.is_file():
+            raise UsageError(f"--data {args.data}: no such file")
     out_dir = _out_file(args.out).parent
     if not out_dir.is_dir():
         raise UsageError(f"--out {args.out}: folder {out_dir} does not exist")
@@ -97,19 +121,29 @@ def _out_file(out: str) -> Path:
     return path / SCHEDULE_FILE if path.is_dir() else path
 
 
+def _calibration_data(args) -> list[dict]:
+    """Calibration items from ``--data`` or, through the model folder's processor, ``--samples``."""
+    from modes_fx.calib import from_samples, read_samples
+    from modes_fx.calib.files import load_data
+
+    if args.samples is None:
+        return load_data(args.data)
+    return from_samples(_load_processor(args.model), read_samples(args.samples), batch_size=args.batch_size)
+
+
 def _calibrate(args) -> int:
     from modes_fx.calib import GridSpec, calibrate
-    from modes_fx.calib.files import load_data
     from modes_fx.modality import COLUMN_NAMES
 
     _check_calibrate_args(args)
+    data = _calibration_data(args)
     model = _load_model(args.model, args.experts_implementation)
     grid = GridSpec(points=args.points, mapping=args.mapping)
     if args.tau_max is not None:
         grid = GridSpec(points=args.points, mapping="linear", tau_max={c: args.tau_max for c in COLUMN_NAMES})
     targets = args.target_skip if len(args.target_skip) > 1 else args.target_skip[0]
     schedule = calibrate(
-        model, load_data(args.data), target_skip=targets, modalities=args.modalities, grid=grid,
+        model, data, target_skip=targets, modalities=args.modalities, grid=grid,
         cache_dir=args.cache_dir, inner=args.inner, method=args.method,
     )
     out = _out_file(args.out)
@@ -119,6 +153,38 @@ def _calibrate(args) -> int:
         f"saved {out}: KL {schedule.calibration['kl']:.4g} nats/answer token at skip {schedule.measured_skip:.3f} "
         f"(method {schedule.calibration['method']}, α ∝ KL^γ with γ = {schedule.calibration['gamma']:g})"
     )
+    return 0
+
+
+def _evaluate(args) -> int:
+    import dataclasses
+    import json
+
+    from modes_fx.calib import evaluate_samples, read_samples
+
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_model_folder(args.model)
+    _check_samples_file(args.samples)
+    if args.schedule is not None and not Path(args.schedule).is_file():
+        raise UsageError(f"--schedule {args.schedule}: no such file")
+    if args.json is not None and not Path(args.json).parent.is_dir():
+        raise UsageError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    samples = read_samples(args.samples)
+    processor = _load_processor(args.model)
+    model = _load_model(args.model, args.experts_implementation)
+    result = evaluate_samples(
+        model, processor, samples, schedule=args.schedule, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, inner=args.inner, progress=True,
+    )
+    print(f"{result.samples} samples, schedule {result.schedule}")
+    print(result.table())
+    if args.json is not None:
+        numbers = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in dataclasses.asdict(result).items()}
+        Path(args.json).write_text(json.dumps(numbers, indent=2, allow_nan=False) + "\n")  # retention NaN → null
+        print(f"saved {args.json}")
     return 0
 
 
@@ -154,7 +220,10 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(run=_demo)
     c = sub.add_parser("calibrate", help="calibrate a schedule (GMLG + frontier search) for a local model folder")
     c.add_argument("--model", required=True, help="folder loadable by transformers from_pretrained")
-    c.add_argument("--data", required=True, help="calibration data: .pt (torch.save list of dicts) or .jsonl")
+    source = c.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="calibration data: .pt (torch.save list of dicts) or .jsonl of token ids")
+    source.add_argument("--samples", help="JSONL of {image, question, answer} samples, encoded by the model folder's processor")
+    c.add_argument("--batch-size", type=int, default=4, help="samples per calibration batch (with --samples)")
     c.add_argument(
         "--target-skip", type=float, nargs="+", default=[0.88], metavar="RATIO",
         help="fraction of routed pairs to skip, in (0, 1); several values: one operating point each (the first "
@@ -182,6 +251,16 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--inner", choices=["inductor", "eager"], default="eager", help="inner compiler for calibration passes")
     c.add_argument("--experts-implementation", default="grouped_mm", help="transformers experts implementation")
     c.set_defaults(run=_calibrate)
+    e = sub.add_parser("evaluate", help="exact-match accuracy, skip ratio and latency of greedy answers, dense and with a schedule")
+    e.add_argument("--model", required=True, help="folder loadable by transformers from_pretrained, with its processor")
+    e.add_argument("--samples", required=True, help="JSONL of {image, question, answer} samples")
+    e.add_argument("--schedule", default=None, help="schedule JSON (default: modes_schedule.json in the model folder)")
+    e.add_argument("--json", default=None, help="also write the numbers and answers to this JSON file")
+    e.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per answer at most")
+    e.add_argument("--batch-size", type=int, default=4, help="samples per generate() batch (left-padded)")
+    e.add_argument("--inner", choices=["inductor", "eager"], default="inductor", help="inner compiler after the modes passes")
+    e.add_argument("--experts-implementation", default="grouped_mm", help="transformers experts implementation")
+    e.set_defaults(run=_evaluate)
     s = sub.add_parser("schedule", help="inspect schedules")
     s_sub = s.add_subparsers(dest="action", required=True)
     show = s_sub.add_parser("show", help="print α per layer and τ per modality")

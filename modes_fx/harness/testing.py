@@ -906,3 +906,89 @@ def greedy_generate(model: torch.nn.Module, inputs: dict, max_new_tokens: int = 
             # only ordinary text ids: a random model would otherwise emit pad or image ids
             suppress_tokens=[i for i in range(text_config(model).vocab_size) if not TEXT_ID_LOW <= i < TEXT_ID_HIGH],
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Processor: a real tokenizer and image processor for the tiny Qwen3-VL-MoE
+
+# Qwen's chat template, reduced to what the tiny processor needs: user / assistant turns between
+# <|im_start|> and <|im_end|>, each image as <|vision_start|><|image_pad|><|vision_end|>.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+IM_START_ID, UNK_ID = 124, 125  # the tiny Qwen3-VL-MoE has no audio: ids 124-126 are free
+# Words of the tiny tokenizer: ids [TEXT_ID_LOW, TEXT_ID_HIGH) in order, then w<id> fillers.
+WORDS = ("user", "assistant", "what", "colour", "is", "this", "which", "image", "red", "green", "blue", "black", "white")
+# min/max pixels of the tiny image processor: a 16×24 image gives a (1, 4, 6) grid, 6 tokens.
+MIN_PIXELS, MAX_PIXELS = 8 * 8, 16 * 32
+_TINY_PROCESSOR = None  # the class, made on first use (imports transformers)
+
+
+def _tiny_processor_class():
+    """Qwen3VLProcessor without its video processor, registered with AutoProcessor.
+
+    transformers 5.24 cannot build or load a Qwen3VLProcessor without torchvision (which its video
+    processor needs, and its class check of every sub-processor looks up): this subclass has only
+    the image processor and the tokenizer, and otherwise runs Qwen3VLProcessor's own code
+    (placeholder expansion, mm_token_type_ids). Registered for Qwen3VLMoeConfig so
+    ``AutoProcessor.from_pretrained`` of a folder saved by ``save_tiny_checkpoint`` loads it."""
+    import transformers as tf
+
+    global _TINY_PROCESSOR
+    if _TINY_PROCESSOR is None:
+
+        class TinyQwen3VLProcessor(tf.Qwen3VLProcessor):
+            @classmethod
+            def get_attributes(cls):
+                return ["image_processor", "tokenizer"]
+
+            def check_argument_for_proper_class(self, argument_name, argument):
+                return type(argument)
+
+        tf.AutoProcessor.register(tf.Qwen3VLMoeConfig, TinyQwen3VLProcessor, exist_ok=True)
+        _TINY_PROCESSOR = TinyQwen3VLProcessor
+    return _TINY_PROCESSOR
+
+
+def tiny_processor(model: torch.nn.Module):
+    """A Qwen3-VL processor for the tiny ``build("qwen3_vl_moe")``: a word-level ``tokenizers``
+    tokenizer over the tiny vocabulary (special tokens at the model's ids: pad 0, <|im_end|> = eos
+    2, image/video 120/121, vision start/end 122/123, <|im_start|> 124, unk 125; ``WORDS`` from
+    id 3), left padding, ``CHAT_TEMPLATE``, and the real Qwen2-VL image processor with the model's
+    patch, merge and temporal sizes and small ``MIN_PIXELS`` / ``MAX_PIXELS``."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    cfg, vcfg = model.config, model.config.vision_config
+    specials = {
+        "<|endoftext|>": PAD_ID, "<s>": BOS_ID, "<|im_end|>": EOS_ID, "<|image_pad|>": cfg.image_token_id,
+        "<|video_pad|>": cfg.video_token_id, "<|vision_start|>": cfg.vision_start_token_id,
+        "<|vision_end|>": cfg.vision_end_token_id, "<|im_start|>": IM_START_ID, "<unk>": UNK_ID,
+    }
+    vocab = dict(specials)
+    for i in range(TEXT_ID_LOW, TEXT_ID_HIGH):
+        vocab[WORDS[i - TEXT_ID_LOW] if i - TEXT_ID_LOW < len(WORDS) else f"w{i}"] = i
+    tokens = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokens.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tokens, pad_token="<|endoftext|>", eos_token="<|im_end|>", bos_token="<s>", unk_token="<unk>",
+        padding_side="left", extra_special_tokens=[t for t in specials if t.startswith("<|") and t not in ("<|endoftext|>", "<|im_end|>")],
+    )
+    images = tf.Qwen2VLImageProcessorPil(
+        patch_size=vcfg.patch_size, temporal_patch_size=vcfg.temporal_patch_size, merge_size=vcfg.spatial_merge_size,
+        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
+    )
+    return _tiny_processor_class()(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def save_tiny_checkpoint(folder, seed: int = 0):
+    """Save the tiny ``build("qwen3_vl_moe", seed=seed)`` and its ``tiny_processor`` into
+    ``folder`` (save_pretrained, as a downloaded checkpoint folder); returns the model."""
+    model = build("qwen3_vl_moe", seed=seed)
+    model.save_pretrained(folder)
+    tiny_processor(model).save_pretrained(folder)
+    return model
