@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,13 +39,7 @@ def load_data(path: str | Path) -> list[dict]:
         return items
     if path.suffix == ".jsonl":
         items = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+        for n, record in json_lines(path):
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
             unknown = set(record) - set(_JSONL_KEYS)
@@ -57,3 +52,15 @@ def load_data(path: str | Path) -> list[dict]:
         return items
     got = f"{path.suffix!r}" if path.suffix else "no suffix"
     raise ValueError(f"{path}: calibration data must be .pt or .jsonl (accepted suffixes: {', '.join(SUFFIXES)}), got {got}")
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of the JSONL file ``path``;
+    ValueError names the file and line that is not valid JSON."""
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None

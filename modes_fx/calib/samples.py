@@ -19,7 +19,6 @@ file.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+
+from .files import json_lines
 
 _FIELDS = ("image", "question", "answer")
 
@@ -63,13 +64,7 @@ def read_samples(path: str | os.PathLike) -> list[Sample]:
     ValueError names the file and line: not JSON, not an object, a missing or unknown field."""
     path = Path(path)
     samples = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+    for n, record in json_lines(path):
         if not isinstance(record, dict) or set(record) != set(_FIELDS):
             got = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f"{path}:{n}: expected an object with exactly the fields {list(_FIELDS)}, got {got}")
