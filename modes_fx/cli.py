@@ -8,8 +8,10 @@ any other exception is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -49,13 +51,26 @@ def _load_model(folder: str, experts_implementation: str):
 
 
 def _load_processor(folder: str):
-    """The processor saved in a local model folder (``AutoProcessor.from_pretrained``)."""
+    """The processor saved in a local model folder (``AutoProcessor.from_pretrained``); UsageError
+    when it cannot be loaded, or when AutoProcessor falls back to the bare tokenizer (it does when
+    the folder's processor class is unknown to the installed transformers)."""
     import transformers
 
     try:
-        return transformers.AutoProcessor.from_pretrained(folder)
+        processor = transformers.AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise UsageError(f"--model {folder}: cannot load its processor with AutoProcessor ({_first_line(e)})") from None
+    if getattr(processor, "tokenizer", None) is None:
+        try:
+            with open(os.path.join(folder, "processor_config.json"), encoding="utf-8") as f:
+                named = f"its processor class {json.load(f).get('processor_class')!r}"
+        except (OSError, ValueError):
+            named = "it has no processor_config.json, and its processor"
+        raise UsageError(
+            f"--model {folder}: AutoProcessor loaded only a {type(processor).__name__}, not a multimodal processor: "
+            f"{named} cannot be loaded with the installed transformers"
+        )
+    return processor
 
 
 def _check_samples_file(samples: str) -> None:

@@ -1,5 +1,6 @@
-"""``modes calibrate --samples`` and ``modes evaluate`` on a saved tiny Qwen3-VL-MoE folder with its
-processor, and ``calib.evaluate_samples`` checked against independent ``generate`` loops."""
+"""``modes calibrate --samples`` and ``modes evaluate`` on saved tiny Qwen3-VL-MoE and Qwen3.5-MoE
+folders with their processor, and ``calib.evaluate_samples`` checked against independent
+``generate`` loops."""
 import json
 
 import numpy as np
@@ -18,11 +19,12 @@ MAX_NEW_TOKENS = 3
 QUESTIONS = ["what colour is this", "which image", "what is this", "what colour"]
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A saved tiny checkpoint (model + processor) and samples.jsonl with PNG images beside it."""
-    path = tmp_path_factory.mktemp("checkpoint")
-    T.save_tiny_checkpoint(path)
+@pytest.fixture(scope="module", params=T.PROCESSOR_NAMES)
+def folder(request, tmp_path_factory):
+    """A saved tiny checkpoint (model + processor) of each family and samples.jsonl with PNG images
+    beside it."""
+    path = tmp_path_factory.mktemp(request.param)
+    T.save_tiny_checkpoint(path, name=request.param)
     rng = np.random.default_rng(0)
     lines = []
     for n, question in enumerate(QUESTIONS):
@@ -138,3 +140,16 @@ def test_command_line_refuses_both_or_neither_data_source_and_bad_samples(folder
         cli.main(["evaluate", "--model", str(folder), "--samples", str(tmp_path / "none.jsonl")])
     err = capsys.readouterr().err
     assert "modes: error: --samples" in err and "no such file" in err
+
+
+def test_command_line_refuses_a_folder_whose_processor_class_is_unknown(tmp_path, capsys):
+    """AutoProcessor falls back to the bare tokenizer for a processor class it does not know."""
+    T.save_tiny_checkpoint(tmp_path)
+    config = tmp_path / "processor_config.json"
+    config.write_text(config.read_text().replace("TinyQwen3VLProcessor", "NoSuchProcessor"))
+    (tmp_path / "s.png").write_bytes(b"")
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"image": "s.png", "question": "what", "answer": "red"}))
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--model", str(tmp_path), "--samples", str(tmp_path / "samples.jsonl")])
+    err = capsys.readouterr().err
+    assert "AutoProcessor loaded only a TokenizersBackend, not a multimodal processor: its processor class 'NoSuchProcessor'" in err

@@ -99,6 +99,13 @@ def test_bad_samples_name_the_sample(processor, tmp_path):
         from_samples(processor, [])
 
 
+def test_a_bare_tokenizer_is_refused_naming_what_it_lacks(processor):
+    """What AutoProcessor returns for a folder whose processor class is unknown: the tokenizer."""
+    good = {"image": _image(8, 8, 0), "question": "what", "answer": "red"}
+    with pytest.raises(TypeError, match=r"TokenizersBackend is not a multimodal processor \(no tokenizer, no image_processor\)"):
+        from_samples(processor.tokenizer, [good])
+
+
 def test_jsonl_paths_are_relative_to_the_file_and_bad_lines_name_the_line(processor, tmp_path):
     (tmp_path / "img").mkdir()
     for name, (h, w) in {"a.png": (16, 24), "b.png": (8, 8)}.items():

@@ -140,11 +140,27 @@ def _answer_ids(processor, index: int, sample: Sample) -> tuple[list[int], int]:
     return ids, span
 
 
+def check_processor(processor, samples: Sequence[Sample]) -> None:
+    """TypeError unless ``processor`` is a multimodal processor that can encode ``samples``: a chat
+    template, a ``tokenizer`` and, when a sample has an image, an ``image_processor``.
+    ``AutoProcessor.from_pretrained`` returns the bare tokenizer when the folder's processor class
+    is unknown to the installed transformers: this names that case instead of an AttributeError."""
+    needed = ["tokenizer"] + (["image_processor"] if any(s.images for s in samples) else [])
+    missing = [name for name in needed if getattr(processor, name, None) is None]
+    if missing or not callable(getattr(processor, "apply_chat_template", None)):
+        raise TypeError(
+            f"{type(processor).__name__} is not a multimodal processor (no {', no '.join(missing or ['apply_chat_template'])}): "
+            "pass the model's processor (AutoProcessor.from_pretrained returns the bare tokenizer when the folder's "
+            "processor class cannot be loaded with the installed transformers)"
+        )
+
+
 def encode(processor, samples: Sequence[Sample], indices: Sequence[int], answer: bool) -> dict:
     """One left-padded batch of ``samples[i]`` for i in ``indices``: the processor's tensors
     [B, S] (and its image tensors); with ``answer``, the assistant turn too and ``labels`` int64
     [B, S] (answer token ids, -100 elsewhere); without, the prompt ends with the generation
-    prompt (what ``generate`` continues)."""
+    prompt (what ``generate`` continues). TypeError when ``processor`` cannot (``check_processor``)."""
+    check_processor(processor, [samples[i] for i in indices])
     texts, images, answers = [], [], []
     for i in indices:
         sample = samples[i]

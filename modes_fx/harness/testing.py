@@ -920,7 +920,7 @@ CHAT_TEMPLATE = (
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-IM_START_ID, UNK_ID = 124, 125  # the tiny Qwen3-VL-MoE has no audio: ids 124-126 are free
+IM_START_ID, UNK_ID = 124, 125  # the tiny Qwen3-VL-MoE and Qwen3.5-MoE have no audio: ids 124-126 are free
 # Words of the tiny tokenizer: ids [TEXT_ID_LOW, TEXT_ID_HIGH) in order, then w<id> fillers.
 WORDS = ("user", "assistant", "what", "colour", "is", "this", "which", "image", "red", "green", "blue", "black", "white")
 # min/max pixels of the tiny image processor: a 16×24 image gives a (1, 4, 6) grid, 6 tokens.
@@ -934,8 +934,9 @@ def _tiny_processor_class():
     transformers 5.24 cannot build or load a Qwen3VLProcessor without torchvision (which its video
     processor needs, and its class check of every sub-processor looks up): this subclass has only
     the image processor and the tokenizer, and otherwise runs Qwen3VLProcessor's own code
-    (placeholder expansion, mm_token_type_ids). Registered for Qwen3VLMoeConfig so
-    ``AutoProcessor.from_pretrained`` of a folder saved by ``save_tiny_checkpoint`` loads it."""
+    (placeholder expansion, mm_token_type_ids). Registered for Qwen3VLMoeConfig and
+    Qwen3_5MoeConfig (whose checkpoints use Qwen3VLProcessor too) so ``AutoProcessor.from_pretrained``
+    of a folder saved by ``save_tiny_checkpoint`` loads it."""
     import transformers as tf
 
     global _TINY_PROCESSOR
@@ -949,46 +950,86 @@ def _tiny_processor_class():
             def check_argument_for_proper_class(self, argument_name, argument):
                 return type(argument)
 
-        tf.AutoProcessor.register(tf.Qwen3VLMoeConfig, TinyQwen3VLProcessor, exist_ok=True)
+        for config_class in (tf.Qwen3VLMoeConfig, tf.Qwen3_5MoeConfig):
+            tf.AutoProcessor.register(config_class, TinyQwen3VLProcessor, exist_ok=True)
         _TINY_PROCESSOR = TinyQwen3VLProcessor
     return _TINY_PROCESSOR
 
 
-def tiny_processor(model: torch.nn.Module):
-    """A Qwen3-VL processor for the tiny ``build("qwen3_vl_moe")``: a word-level ``tokenizers``
-    tokenizer over the tiny vocabulary (special tokens at the model's ids: pad 0, <|im_end|> = eos
-    2, image/video 120/121, vision start/end 122/123, <|im_start|> 124, unk 125; ``WORDS`` from
-    id 3), left padding, ``CHAT_TEMPLATE``, and the real Qwen2-VL image processor with the model's
-    patch, merge and temporal sizes and small ``MIN_PIXELS`` / ``MAX_PIXELS``."""
+def _byte_level_bpe(words: tuple[str, ...]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(tokens, merges) of a byte-level BPE over the characters of ``words`` plus space (``Ġ``) and
+    newline (``Ċ``), with every prefix of each word, bare and after a space, made by one merge
+    (the spaced forms ranked first). Sized for ids [TEXT_ID_LOW, TEXT_ID_HIGH)."""
+    tokens = sorted(set("".join(words))) + ["Ġ", "Ċ"]
+    merges = []
+    for form in ["Ġ" + w for w in words] + list(words):
+        for i in range(2, len(form) + 1):
+            if form[:i] not in tokens:
+                tokens.append(form[:i])
+                merges.append((form[: i - 1], form[i - 1]))
+    if len(tokens) > TEXT_ID_HIGH - TEXT_ID_LOW:
+        raise ValueError(f"{len(tokens)} BPE tokens do not fit ids [{TEXT_ID_LOW}, {TEXT_ID_HIGH})")
+    return tokens, merges
+
+
+def _tiny_tokenizer(model: torch.nn.Module):
+    """The family's tokenizer over the tiny vocabulary: special tokens at the model's ids, the rest
+    in [TEXT_ID_LOW, TEXT_ID_HIGH), left padding.
+
+    Qwen3-VL-MoE: a word-level ``tokenizers`` tokenizer (``WORDS``, then ``w<id>`` fillers).
+    Qwen3.5-MoE: transformers always loads a Qwen3.5 folder's tokenizer as ``Qwen3_5Tokenizer``
+    (byte-level BPE rebuilt from the saved vocab and merges, whatever class the folder names), so
+    the tiny one is a ``Qwen3_5Tokenizer`` over ``_byte_level_bpe(WORDS)``."""
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    cfg, vcfg = model.config, model.config.vision_config
+    cfg = model.config
     specials = {
         "<|endoftext|>": PAD_ID, "<s>": BOS_ID, "<|im_end|>": EOS_ID, "<|image_pad|>": cfg.image_token_id,
         "<|video_pad|>": cfg.video_token_id, "<|vision_start|>": cfg.vision_start_token_id,
         "<|vision_end|>": cfg.vision_end_token_id, "<|im_start|>": IM_START_ID, "<unk>": UNK_ID,
     }
+    names = dict(pad_token="<|endoftext|>", eos_token="<|im_end|>", bos_token="<s>", unk_token="<unk>", padding_side="left",
+                 extra_special_tokens=[t for t in specials if t.startswith("<|") and t not in ("<|endoftext|>", "<|im_end|>")])
+    if cfg.model_type == "qwen3_5_moe":
+        tokens, merges = _byte_level_bpe(WORDS)
+        vocab = {**specials, **{t: TEXT_ID_LOW + i for i, t in enumerate(tokens)}}
+        return tf.Qwen3_5Tokenizer(vocab=vocab, merges=merges, **names)
     vocab = dict(specials)
     for i in range(TEXT_ID_LOW, TEXT_ID_HIGH):
         vocab[WORDS[i - TEXT_ID_LOW] if i - TEXT_ID_LOW < len(WORDS) else f"w{i}"] = i
     tokens = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokens.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = tf.PreTrainedTokenizerFast(
-        tokenizer_object=tokens, pad_token="<|endoftext|>", eos_token="<|im_end|>", bos_token="<s>", unk_token="<unk>",
-        padding_side="left", extra_special_tokens=[t for t in specials if t.startswith("<|") and t not in ("<|endoftext|>", "<|im_end|>")],
-    )
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tokens, **names)
+
+
+def tiny_processor(model: torch.nn.Module):
+    """A Qwen3-VL processor for the tiny ``build("qwen3_vl_moe")`` or ``build("qwen3_5_moe")`` (the
+    processor class Qwen3.5-MoE checkpoints ship too): the family's tokenizer (``_tiny_tokenizer``;
+    special tokens at the model's ids: pad 0, <|im_end|> = eos 2, image/video 120/121, vision
+    start/end 122/123, <|im_start|> 124, unk 125), ``CHAT_TEMPLATE``, and the real Qwen2-VL image
+    processor with the model's patch, merge and temporal sizes and small ``MIN_PIXELS`` /
+    ``MAX_PIXELS``."""
+    import transformers as tf
+
+    vcfg = model.config.vision_config
     images = tf.Qwen2VLImageProcessorPil(
         patch_size=vcfg.patch_size, temporal_patch_size=vcfg.temporal_patch_size, merge_size=vcfg.spatial_merge_size,
         min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
     )
-    return _tiny_processor_class()(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    return _tiny_processor_class()(image_processor=images, tokenizer=_tiny_tokenizer(model), chat_template=CHAT_TEMPLATE)
 
 
-def save_tiny_checkpoint(folder, seed: int = 0):
-    """Save the tiny ``build("qwen3_vl_moe", seed=seed)`` and its ``tiny_processor`` into
-    ``folder`` (save_pretrained, as a downloaded checkpoint folder); returns the model."""
-    model = build("qwen3_vl_moe", seed=seed)
+PROCESSOR_NAMES = ("qwen3_vl_moe", "qwen3_5_moe")  # the tiny models ``tiny_processor`` serves
+
+
+def save_tiny_checkpoint(folder, seed: int = 0, name: str = "qwen3_vl_moe"):
+    """Save the tiny ``build(name, seed=seed)`` (one of ``PROCESSOR_NAMES``) and its
+    ``tiny_processor`` into ``folder`` (save_pretrained, as a downloaded checkpoint folder);
+    returns the model."""
+    if name not in PROCESSOR_NAMES:
+        raise ValueError(f"no tiny processor for {name!r}; known: {', '.join(PROCESSOR_NAMES)}")
+    model = build(name, seed=seed)
     model.save_pretrained(folder)
     tiny_processor(model).save_pretrained(folder)
     return model
