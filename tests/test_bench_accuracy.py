@@ -33,10 +33,15 @@ def test_accuracy_benchmark_rows_statistics_and_outputs(tmp_path):
         for column in range(2):
             assert sum(row[column] for row in stats["alpha"]) == pytest.approx(1.0)
 
+    assert result.test_questions == 64 and [a["target"] for a in result.agreement] == [0.5]  # fp32 methods only
+    assert result.agreement[0]["schedules"] == len(METHODS)
+
     out = tmp_path
     saved = json.loads((out / "accuracy.json").read_text())
+    assert saved["agreement"] == result.agreement
     assert [r["method"] for r in saved["rows"]] == [r.method for r in result.rows]
     table = (out / "accuracy.md").read_text()
     assert all(f"| {m} |" in table for m in (*METHODS, benchmark.W4A16_METHOD)) and "W4A16 model" in table and "α" in table
+    assert "| 50% | 2 | " in table and "Kendall τ-b" in table
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,6 +23,7 @@ import torch
 
 import modes_fx
 from modes_fx.calib.baselines import METHODS, BaselineTuner
+from modes_fx.harness import ranking
 
 from . import data, evaluate
 from . import model as digits_model
@@ -67,6 +68,10 @@ class Result:
     # per model ("fp32", "W4A16") whose GMLG statistics were computed: modalities, KL [L][M] of
     # removing layer l's routed experts for modality m's tokens (nats), α [L][M]
     importance: dict[str, dict] = field(default_factory=dict)
+    test_questions: int = 0
+    # per target: does calibration KL order the fp32 methods' schedules as test accuracy does
+    # (ranking.Agreement fields)
+    agreement: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -99,7 +104,8 @@ def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: 
     test = data.split_batches("test", limit=cfg["test_limit"])
     calib = data.calibration_data("calibration", limit=cfg["calib_limit"])
     dense = evaluate.accuracy(model, test)
-    result = Result(dense.overall, dense.by_modality, dense.by_type, config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()})
+    result = Result(dense.overall, dense.by_modality, dense.by_type, config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+                    test_questions=sum(dense.total.values()))
     echo(f"dense test accuracy {100 * dense.overall:.2f}% on {sum(dense.total.values())} questions "
          f"({len(calib)} calibration batches); tuning {len(cfg['methods'])} methods x {len(cfg['targets'])} skip ratios")
     tune_and_evaluate(result, model, calib, test, cfg["methods"], cfg["targets"], cfg["grid_points"], echo, progress)
@@ -111,6 +117,7 @@ def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: 
         echo(f"W4A16 test accuracy without skipping {100 * plain.overall:.2f}% (retention {100 * plain.overall / dense.overall:.2f}%); "
              f"logits vs bf16: relative error {result.w4a16_logit_error:.4f}")
         tune_and_evaluate(result, w4a16, calib, test, ("modes",), cfg["w4a16_targets"], cfg["grid_points"], echo, progress, W4A16_METHOD)
+    result.agreement = [asdict(a) for a in rank_agreement(result)]
     result.seconds = time.perf_counter() - start
     if out_dir is not None:
         write(result, Path(out_dir), echo)
@@ -150,6 +157,18 @@ def tune_and_evaluate(result: Result, model, calib, test, methods, targets, grid
                 "modalities": tuner.session.modalities, "kl": tuner.importance_kls, "alpha": tuner.gmlg_alpha}
 
 
+def rank_agreement(result: Result) -> list[ranking.Agreement]:
+    """Per target with at least two fp32 methods: calibration KL against test accuracy
+    (:func:`ranking.agreement`, noise from the dense accuracy and the test questions)."""
+    noise = ranking.sampling_noise(result.dense_accuracy, result.test_questions)
+    out = []
+    for target in sorted({r.target for r in result.rows}):
+        rows = [r for r in result.rows if r.target == target and r.method != W4A16_METHOD]
+        if len(rows) > 1:
+            out.append(ranking.agreement(target, [r.calib_kl for r in rows], [r.accuracy for r in rows], noise))
+    return out
+
+
 def format_table(result: Result) -> str:
     """Markdown: retention (and accuracy) per method and target, measured test skip in each cell,
     then the per-modality (vision / text question) retention."""
@@ -184,6 +203,14 @@ def format_table(result: Result) -> str:
         lines += ["", f"GMLG on the {name} model: KL of removing a layer's routed experts for one modality's tokens (nats) → α:", ""]
         lines += [f"- {m}: " + ", ".join(f"layer {l} {kl[i]:.4f} → {a[i]:.3f}" for l, (kl, a) in enumerate(zip(stats["kl"], stats["alpha"])))
                   for i, m in enumerate(stats["modalities"])]
+    if result.agreement:
+        noise = result.agreement[0]["noise"]
+        lines += ["", f"Calibration KL vs test accuracy, per target (Kendall τ-b of −KL and accuracy; pairs ordered differently, "
+                      f"and of those the ones whose accuracy gap exceeds the test noise {100 * noise:.2f} points: two standard "
+                      f"errors over {result.test_questions} questions):", "",
+                  "| target | schedules | Kendall τ-b | discordant / pairs | beyond noise |", "|---|---|---|---|---|"]
+        lines += [f"| {100 * a['target']:.0f}% | {a['schedules']} | {a['kendall_tau']:.2f} | {a['discordant']} / {a['pairs']} | {a['decisive']} |"
+                  for a in result.agreement]
     if any(not r.reached for r in result.rows):
         lines += ["", "† the method could not reach the target skip ratio on the calibration split (closest value shown)."]
     return "\n".join(lines)
