@@ -16,6 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from modes_fx.harness.bench_models import BENCHMARK_MODELS
 from modes_fx.harness.speed_bench import add_arguments as bench_arguments
 from modes_fx.quiet import quiet_third_party
 
@@ -219,9 +220,9 @@ def _bench_speed(args) -> int:
 
 
 def _bench_accuracy(args) -> int:
-    from modes_fx.harness.digits import benchmark
+    from modes_fx.harness import accuracy_bench
 
-    return benchmark.accuracy_command(args)
+    return accuracy_bench.accuracy_command(args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -286,7 +287,8 @@ def parser() -> argparse.ArgumentParser:
     speed = b_sub.add_parser("speed", help="latency of eager, inductor and modes at several skip ratios")
     bench_arguments(speed)
     speed.set_defaults(run=_bench_speed)
-    accuracy = b_sub.add_parser("accuracy", help="accuracy retained by MoDES and every baseline at equal skip ratios (digits VLM)")
+    accuracy = b_sub.add_parser("accuracy", help="accuracy retained by MoDES and every baseline at equal skip ratios (an embedded VLM)")
+    accuracy.add_argument("--model", default="digits", choices=sorted(BENCHMARK_MODELS), help="embedded benchmark model (default: digits)")
     accuracy.add_argument("--quick", action="store_true", help="3 methods at 88%% on subsets of the splits")
     accuracy.add_argument("--out", default="bench-out", help="folder for accuracy.json / .md / .png")
     accuracy.set_defaults(run=_bench_accuracy)

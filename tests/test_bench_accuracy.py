@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from modes_fx.harness.digits import benchmark
+from modes_fx.harness import accuracy_bench as benchmark
 
 METHODS = ("top_k", "modes")
 

@@ -20,8 +20,8 @@ import modes_fx
 from modes_fx.calib.baselines import BaselineTuner
 from modes_fx.compiled import compiled_forward, set_compiled_forward
 from modes_fx.harness.digits import data, evaluate
-from modes_fx.harness.digits.benchmark import FULL, evaluate_deployed, tracked_accuracy
-from modes_fx.harness.digits import model as digits_model
+from modes_fx.harness.accuracy_bench import FULL, evaluate_deployed, tracked_accuracy
+from modes_fx.harness.bench_models import benchmark_model
 
 TARGET_SKIP = 0.88
 
@@ -120,13 +120,14 @@ def run(quick: bool = False, inner: str = "eager", echo=print) -> DemoResult:
     of this model takes minutes on a 2-core CPU; the modes ops are the same either way)."""
     start = time.perf_counter()
     inner = "eager" if quick else inner
-    model = digits_model.load()
-    test = data.split_batches("test", limit=64 if quick else None)
+    bench = benchmark_model("digits")
+    model = bench.load()
+    test = bench.split_batches("test", limit=64 if quick else None)
     # the full demo calibrates as `modes bench accuracy` does, so its MoDES row is the benchmark's
-    calib = data.calibration_data("calibration", limit=64 if quick else FULL["calib_limit"])
+    calib = bench.calibration_data("calibration", limit=64 if quick else FULL["calib_limit"])
     echo(f"model: {type(model).__name__} trained on scikit-learn digits ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
          f"{len(test)} test batches")
-    dense = evaluate.accuracy(model, test)
+    dense = bench.accuracy(model, test)
     echo(f"dense accuracy: {100 * dense.overall:.2f}%  (vision {100 * dense.by_modality['vision']:.2f}%, text {100 * dense.by_modality['text']:.2f}%)")
 
     echo(f"calibrating for {TARGET_SKIP:.0%} skipped routed pairs (GMLG + frontier search) ...")
@@ -136,14 +137,14 @@ def run(quick: bool = False, inner: str = "eager", echo=print) -> DemoResult:
     with BaselineTuner(model, calib, grid_points=10 if quick else FULL["grid_points"], progress=not quick) as tuner:
         tuned = tuner.tune("modes", TARGET_SKIP)
         top1 = tuner.tune("top_k", TARGET_SKIP)
-        top1_acc, _ = evaluate_deployed(tuner, top1.schedule, test)
+        top1_acc, _ = evaluate_deployed(bench, tuner, top1.schedule, test)
     schedule = tuned.schedule
     echo(schedule.table())
 
     modes_fx.attach(model, schedule)
     model.compile(backend="modes", options={"inner": inner})
     try:
-        skipped, stats = tracked_accuracy(model, test, len(schedule.site_paths), "MoDES evaluation")
+        skipped, stats = tracked_accuracy(bench, model, test, len(schedule.site_paths), "MoDES evaluation")
         report = modes_fx.last_report()
         echo(str(report))
         rewrites = len(report.rewrites)  # the report is live: the latency graphs below add to it

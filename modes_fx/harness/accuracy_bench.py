@@ -1,5 +1,6 @@
 """``modes bench accuracy``: accuracy kept by MoDES and by every baseline at equal measured skip
-ratios, on the embedded digits VLM (the analogue of the paper's Table 1 / Figure 1).
+ratios, on an embedded benchmark model (``bench_models``; the analogue of the paper's Table 1 /
+Figure 1).
 
 For each method of :data:`modes_fx.calib.baselines.METHODS` and each target skip ratio, the
 method's knob is tuned on the calibration split until ``track()`` reads the target (± the
@@ -24,9 +25,7 @@ import torch
 import modes_fx
 from modes_fx.calib.baselines import METHODS, BaselineTuner
 from modes_fx.harness import ranking
-
-from . import data, evaluate
-from . import model as digits_model
+from modes_fx.harness.bench_models import BenchmarkModel, benchmark_model
 
 TARGETS = (0.5, 0.67, 0.83, 0.88)
 W4A16_METHOD = "modes (W4A16)"  # row name of MoDES calibrated and deployed on the W4A16 model
@@ -57,6 +56,7 @@ class Row:
 
 @dataclass
 class Result:
+    model: str  # the benchmark model's name (bench_models.BENCHMARK_MODELS)
     dense_accuracy: float
     dense_by_modality: dict[str, float]
     dense_by_type: dict[str, float]
@@ -75,24 +75,25 @@ class Result:
     seconds: float = 0.0
 
 
-def evaluate_deployed(tuner: BaselineTuner, schedule: modes_fx.Schedule, batches: list[data.Batch]):
+def evaluate_deployed(bench: BenchmarkModel, tuner: BaselineTuner, schedule: modes_fx.Schedule, batches: list):
     """(accuracy, tracker) of ``schedule`` deployed on the tuner's compiled model, on ``batches``."""
     tuner.session.state.set_thresholds(schedule.thresholds(), type(schedule.rule))
-    return tracked_accuracy(tuner.session.model, batches, tuner.session.num_sites, "accuracy evaluation")
+    return tracked_accuracy(bench, tuner.session.model, batches, tuner.session.num_sites, "accuracy evaluation")
 
 
-def tracked_accuracy(model, batches: list[data.Batch], sites: int, what: str):
+def tracked_accuracy(bench: BenchmarkModel, model, batches: list, sites: int, what: str):
     """(accuracy, tracker) of the attached, compiled ``model`` on ``batches``; raises
     ``RuntimeError`` (naming ``what``) unless every forward ran all ``sites`` MoE sites through
     the modes op."""
     with modes_fx.track() as stats:
-        acc = evaluate.accuracy(model, batches)
+        acc = bench.accuracy(model, batches)
     stats.require_calls(len(batches) * sites, what)
     return acc, stats
 
 
-def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: bool = True, **overrides) -> Result:
-    """Tune every method to every target on the calibration split, evaluate on the test split.
+def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: bool = True, model_name: str = "digits", **overrides) -> Result:
+    """Tune every method to every target on the calibration split of benchmark model
+    ``model_name``, evaluate on its test split.
 
     ``quick``: 3 methods at 88% on a subset (for tests and a first look); ``overrides`` replace
     entries of :data:`FULL` / :data:`QUICK` (targets, methods, calib_limit, test_limit, grid_points,
@@ -100,23 +101,25 @@ def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: 
     quantized by :func:`modes_fx.quantize_experts`; empty: no W4A16 rows)."""
     start = time.perf_counter()
     cfg = {**(QUICK if quick else FULL), **overrides}
-    model = digits_model.load()
-    test = data.split_batches("test", limit=cfg["test_limit"])
-    calib = data.calibration_data("calibration", limit=cfg["calib_limit"])
-    dense = evaluate.accuracy(model, test)
-    result = Result(dense.overall, dense.by_modality, dense.by_type, config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+    bench = benchmark_model(model_name)
+    model = bench.load()
+    test = bench.split_batches("test", limit=cfg["test_limit"])
+    calib = bench.calibration_data("calibration", limit=cfg["calib_limit"])
+    dense = bench.accuracy(model, test)
+    echo(f"model: {bench.description}")
+    result = Result(bench.name, dense.overall, dense.by_modality, dense.by_type, config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
                     test_questions=sum(dense.total.values()))
     echo(f"dense test accuracy {100 * dense.overall:.2f}% on {sum(dense.total.values())} questions "
          f"({len(calib)} calibration batches); tuning {len(cfg['methods'])} methods x {len(cfg['targets'])} skip ratios")
-    tune_and_evaluate(result, model, calib, test, cfg["methods"], cfg["targets"], cfg["grid_points"], echo, progress)
+    tune_and_evaluate(bench, result, model, calib, test, cfg["methods"], cfg["targets"], cfg["grid_points"], echo, progress)
     if cfg["w4a16_targets"]:
         torch._dynamo.reset()  # the fp32 session's graphs would count towards the W4A16 model's recompile limit
-        w4a16, result.w4a16_logit_error = quantized_model(test[0], echo)
-        plain = evaluate.accuracy(w4a16, test)
+        w4a16, result.w4a16_logit_error = quantized_model(bench, test[0], echo)
+        plain = bench.accuracy(w4a16, test)
         result.w4a16_accuracy, result.w4a16_by_modality = plain.overall, plain.by_modality
         echo(f"W4A16 test accuracy without skipping {100 * plain.overall:.2f}% (retention {100 * plain.overall / dense.overall:.2f}%); "
              f"logits vs bf16: relative error {result.w4a16_logit_error:.4f}")
-        tune_and_evaluate(result, w4a16, calib, test, ("modes",), cfg["w4a16_targets"], cfg["grid_points"], echo, progress, W4A16_METHOD)
+        tune_and_evaluate(bench, result, w4a16, calib, test, ("modes",), cfg["w4a16_targets"], cfg["grid_points"], echo, progress, W4A16_METHOD)
     result.agreement = [asdict(a) for a in rank_agreement(result)]
     result.seconds = time.perf_counter() - start
     if out_dir is not None:
@@ -125,10 +128,10 @@ def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: 
     return result
 
 
-def quantized_model(batch: data.Batch, echo=print) -> tuple[torch.nn.Module, float]:
-    """The digits model in bf16, quantized by :func:`modes_fx.quantize_experts` (W4A16), and the
+def quantized_model(bench: BenchmarkModel, batch, echo=print) -> tuple[torch.nn.Module, float]:
+    """The benchmark model in bf16, quantized by :func:`modes_fx.quantize_experts` (W4A16), and the
     relative error ‖W4A16 − bf16‖ / ‖bf16‖ of its logits (every position) on ``batch``."""
-    model = digits_model.load().to(torch.bfloat16)
+    model = bench.load().to(torch.bfloat16)
     with torch.no_grad():
         reference = model(**batch.inputs).logits.float()
         echo(str(modes_fx.quantize_experts(model)))
@@ -136,7 +139,7 @@ def quantized_model(batch: data.Batch, echo=print) -> tuple[torch.nn.Module, flo
     return model, float((logits - reference).norm() / reference.norm())
 
 
-def tune_and_evaluate(result: Result, model, calib, test, methods, targets, grid_points: int, echo, progress: bool, label: str | None = None) -> None:
+def tune_and_evaluate(bench: BenchmarkModel, result: Result, model, calib, test, methods, targets, grid_points: int, echo, progress: bool, label: str | None = None) -> None:
     """Append to ``result`` one :class:`Row` per method and target: tuned on ``calib`` with one
     :class:`BaselineTuner` over ``model``, evaluated on ``test`` (retention against
     ``result.dense_accuracy``). ``label``: row name instead of the method's (one method only)."""
@@ -144,7 +147,7 @@ def tune_and_evaluate(result: Result, model, calib, test, methods, targets, grid
         for method in methods:
             for target in targets:
                 tuned = tuner.tune(method, target)
-                acc, stats = evaluate_deployed(tuner, tuned.schedule, test)
+                acc, stats = evaluate_deployed(bench, tuner, tuned.schedule, test)
                 row = Row(
                     label or method, target, tuned.skip, tuned.kl, tuned.reached, stats.skip_ratio, stats.by_modality,
                     acc.overall, acc.by_modality, acc.by_type, 100 * acc.overall / result.dense_accuracy, tuned.knob, tuned.passes,
@@ -190,7 +193,7 @@ def format_table(result: Result) -> str:
         kinds = [k for k in ("vision", "text") if k in r.accuracy_by_modality]
         return " / ".join(f"{100 * r.accuracy_by_modality[k] / result.dense_by_modality[k]:.1f}" for k in kinds)
 
-    lines = [f"Dense accuracy: {100 * result.dense_accuracy:.2f}% (vision {100 * result.dense_by_modality.get('vision', float('nan')):.2f}%, "
+    lines = [f"Model: {result.model}.", f"Dense accuracy: {100 * result.dense_accuracy:.2f}% (vision {100 * result.dense_by_modality.get('vision', float('nan')):.2f}%, "
              f"text {100 * result.dense_by_modality.get('text', float('nan')):.2f}%).",
              *([] if result.w4a16_accuracy is None else [
                  f"W4A16 model (int4 experts and linears, bf16 activations) without skipping: {100 * result.w4a16_accuracy:.2f}% "
@@ -240,7 +243,7 @@ def plot(result: Result, path: Path) -> Path | None:
         ax.plot([100 * r.skip for r in rows], [r.retention for r in rows], marker="o", label=method, linewidth=2.5 if method == "modes" else 1.2)
     ax.set_xlabel("experts skipped (% of routed pairs, measured on the test split)")
     ax.set_ylabel("accuracy retained (% of dense)")
-    ax.set_title("digits VLM (Qwen3-VL-MoE class): retention vs skip ratio")
+    ax.set_title(f"{result.model} VLM (Qwen3-VL-MoE class): retention vs skip ratio")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -250,5 +253,5 @@ def plot(result: Result, path: Path) -> Path | None:
 
 
 def accuracy_command(args: argparse.Namespace) -> int:
-    run(quick=args.quick, out_dir=Path(args.out))
+    run(quick=args.quick, out_dir=Path(args.out), model_name=args.model)
     return 0
