@@ -31,7 +31,7 @@ class UsageError(Exception):
 def _demo(args) -> int:
     from modes_fx.harness import demo
 
-    demo.run(quick=args.quick, inner=args.inner)
+    demo.run(quick=args.quick, inner=args.inner, model_name=args.model or demo.DEMO_MODEL)
     return 0
 
 
@@ -229,7 +229,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modes", description="MoDES dynamic expert skipping for MoE (multimodal) LLMs")
     p.add_argument("-v", "--verbose", action="store_true", help="more output; tracebacks for input errors too")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="calibrate, compile and evaluate MoDES at 88%% skip on the embedded digits VLM")
+    d = sub.add_parser("demo", help="calibrate, compile and evaluate MoDES at 88%% skip on an embedded VLM")
+    d.add_argument("--model", default=None, choices=sorted(BENCHMARK_MODELS), help="embedded benchmark model (default: the demo's, printed first)")
     d.add_argument("--quick", action="store_true", help="subsets of the splits, eager inner compiler (for tests)")
     d.add_argument("--inner", choices=["inductor", "eager"], default="eager",
                    help="inner compiler after the modes passes (eager by default: inductor compiles of this model take minutes on 2 CPU cores)")

@@ -3,7 +3,7 @@ trained ``Qwen3VLMoeForConditionalGeneration`` shipped with the package, with it
 and accuracy. Add one with a ``BenchmarkModel`` factory in ``BENCHMARK_MODELS``."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +15,8 @@ class BenchmarkModel:
     the split's questions (``.inputs``: the model's keyword arguments; ``.questions``);
     ``calibration_data(split, limit=None)``: ``modes_fx.calibrate`` items; ``accuracy(model,
     batches)``: fractions of questions answered correctly, overall, per modality and per question
-    type (``digits.evaluate.Accuracy``)."""
+    type (``digits.evaluate.Accuracy``); ``vocab``: token of each id; ``picture(question)``: the
+    question's image as ASCII art, None for a text-only question."""
 
     name: str
     description: str  # what it is, in a line (printed by the benchmark and the demo)
@@ -23,6 +24,8 @@ class BenchmarkModel:
     split_batches: Callable[..., list]
     calibration_data: Callable[..., list[dict]]
     accuracy: Callable
+    vocab: Sequence[str]
+    picture: Callable[..., str | None]
 
 
 def _digits() -> BenchmarkModel:
@@ -30,7 +33,8 @@ def _digits() -> BenchmarkModel:
 
     return BenchmarkModel(
         "digits", "digits VLM: 4 MoE layers, 32 experts top-8, one 8×8 digit (4 image tokens) per vision question",
-        model.load, data.split_batches, data.calibration_data, evaluate.accuracy,
+        model.load, data.split_batches, data.calibration_data, evaluate.accuracy, data.VOCAB,
+        lambda question: None if question.image is None else data.ascii_image(question.image),
     )
 
 

@@ -1,4 +1,5 @@
-"""``modes demo``: the whole MoDES flow on the embedded digits VLM (``modes_fx.harness.digits``).
+"""``modes demo``: the whole MoDES flow on an embedded benchmark VLM (``bench_models``;
+``DEMO_MODEL`` by default).
 
 1. Load the committed trained ``Qwen3VLMoeForConditionalGeneration`` (``from_pretrained``).
 2. Calibrate on the calibration split: GMLG layer importance α[l, m] and the frontier search for
@@ -19,11 +20,12 @@ import torch
 import modes_fx
 from modes_fx.calib.baselines import BaselineTuner
 from modes_fx.compiled import compiled_forward, set_compiled_forward
-from modes_fx.harness.digits import data, evaluate
+from modes_fx.harness.digits.evaluate import predict
 from modes_fx.harness.accuracy_bench import FULL, evaluate_deployed, tracked_accuracy
-from modes_fx.harness.bench_models import benchmark_model
+from modes_fx.harness.bench_models import BenchmarkModel, benchmark_model
 
 TARGET_SKIP = 0.88
+DEMO_MODEL = "digits"  # the benchmark model the demo runs by default
 
 
 @dataclass
@@ -42,22 +44,19 @@ class DemoResult:
     seconds: float
 
 
-def _answer(token_id: int) -> str:
-    return data.VOCAB[token_id]
-
-
-def show_examples(model, dense_model, batch: data.Batch, n: int, echo) -> None:
-    """Print ``n`` questions of ``batch`` (image as ASCII art) with the dense and MoDES answers."""
+def show_examples(bench: BenchmarkModel, model, dense_model, batch, n: int, echo) -> None:
+    """Print ``n`` vision questions of ``batch`` (image as ASCII art) with the dense and MoDES answers."""
     with modes_fx.running_dense(model):
-        dense = evaluate.predict(dense_model, batch)
-    skipped = evaluate.predict(model, batch)
+        dense = predict(dense_model, batch)
+    skipped = predict(model, batch)
     shown = 0
     for row, q in enumerate(batch.questions):
-        if q.image is None or shown == n:
+        picture = bench.picture(q)
+        if picture is None or shown == n:
             continue
         shown += 1
-        echo("\n" + data.ascii_image(q.image))
-        echo(f"Q: {' '.join(q.words)}   truth: {q.answer}   dense: {_answer(int(dense[row]))}   MoDES: {_answer(int(skipped[row]))}")
+        echo("\n" + picture)
+        echo(f"Q: {' '.join(q.words)}   truth: {q.answer}   dense: {bench.vocab[int(dense[row])]}   MoDES: {bench.vocab[int(skipped[row])]}")
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -69,7 +68,7 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def latency_ratios(model, batch: data.Batch, inner: str, reps: int, echo) -> tuple[float, float]:
+def latency_ratios(model, batch, inner: str, reps: int, echo) -> tuple[float, float]:
     """(prefill, decode) speedups of the attached model compiled with ``backend="modes"`` over the
     same model compiled with ``inner`` alone (dense); per phase, ``reps`` runs of dense then of
     MoDES, median of each.
@@ -78,8 +77,8 @@ def latency_ratios(model, batch: data.Batch, inner: str, reps: int, echo) -> tup
     modes_impl = compiled_forward(model)
     row = batch.inputs["attention_mask"][0].bool()  # row 0 without its left padding, at batch 1
     one = {k: batch.inputs[k][:1, row] for k in ("input_ids", "mm_token_type_ids") if k in batch.inputs}
-    if batch.questions[0].image is not None:
-        one["pixel_values"] = batch.inputs["pixel_values"][: data.PATCHES_PER_IMAGE]
+    if bool((one["input_ids"] == model.config.image_token_id).any()):  # row 0's image is the batch's first
+        one["pixel_values"] = batch.inputs["pixel_values"][: int(batch.inputs["image_grid_thw"][0].prod())]
         one["image_grid_thw"] = batch.inputs["image_grid_thw"][:1]
 
     def prefill():
@@ -113,19 +112,19 @@ def latency_ratios(model, batch: data.Batch, inner: str, reps: int, echo) -> tup
     return tuple(timings[(p, "dense")] / timings[(p, "modes")] for p in ("prefill", "decode"))
 
 
-def run(quick: bool = False, inner: str = "eager", echo=print) -> DemoResult:
+def run(quick: bool = False, inner: str = "eager", echo=print, model_name: str = DEMO_MODEL) -> DemoResult:
     """Run the demo. ``quick``: a subset of the splits, a coarse grid and the eager inner compiler
     (for tests); the full demo uses the whole test split. ``inner`` is the compiler after the
     modes passes for the MoDES model and the dense baseline (eager by default: an inductor compile
     of this model takes minutes on a 2-core CPU; the modes ops are the same either way)."""
     start = time.perf_counter()
     inner = "eager" if quick else inner
-    bench = benchmark_model("digits")
+    bench = benchmark_model(model_name)
     model = bench.load()
     test = bench.split_batches("test", limit=64 if quick else None)
     # the full demo calibrates as `modes bench accuracy` does, so its MoDES row is the benchmark's
     calib = bench.calibration_data("calibration", limit=64 if quick else FULL["calib_limit"])
-    echo(f"model: {type(model).__name__} trained on scikit-learn digits ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
+    echo(f"model: {bench.name}, a {type(model).__name__} ({bench.description}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
          f"{len(test)} test batches")
     dense = bench.accuracy(model, test)
     echo(f"dense accuracy: {100 * dense.overall:.2f}%  (vision {100 * dense.by_modality['vision']:.2f}%, text {100 * dense.by_modality['text']:.2f}%)")
@@ -148,7 +147,7 @@ def run(quick: bool = False, inner: str = "eager", echo=print) -> DemoResult:
         report = modes_fx.last_report()
         echo(str(report))
         rewrites = len(report.rewrites)  # the report is live: the latency graphs below add to it
-        show_examples(model, model._call_impl, test[0], 3 if quick else 5, echo)
+        show_examples(bench, model, model._call_impl, test[0], 3 if quick else 5, echo)
         prefill_x, decode_x = latency_ratios(model, test[0], inner, 3 if quick else 10, echo)
     finally:
         set_compiled_forward(model, None)
