@@ -51,8 +51,8 @@ class MoESite:
     activation: str  # transformers activation name of the experts (config.hidden_act)
     standard_layout: bool  # gated, concatenated [gate; up], not transposed, no bias, no post-expert norm
     # Where π comes from: the router's weights are weight_scale · π, π being the selected
-    # (softmax or sigmoid) scores, renormalised when normalizes_top_k. 1 for softmax routers,
-    # routed_scaling_factor for the DeepSeek-V3 family (applied after skipping).
+    # (softmax or sigmoid) scores, renormalised when normalizes_top_k: the router's
+    # routed_scaling_factor (DeepSeek-V2 and -V3 families, applied after skipping), else 1.
     weight_scale: float = 1.0
 
 
@@ -140,16 +140,6 @@ REFUSED_BLOCKS = {
         "so the traced graph holds no routing weight before selection for modes-fx to threshold, and "
         "its experts store their weights transposed (not the [E, 2I, H] / [E, H, I] layout "
         "modes::masked_experts runs)"
-    ),
-    "DeepseekOcr2TextMoe": (
-        "DeepSeek-OCR-2 MoE (DeepSeek-V2 router): the routing weights are the unrenormalised softmax top-k "
-        "times routed_scaling_factor, computed in float32 from a float32 router weight; modes-fx's graph "
-        "matcher does not link this routing to its experts, so it would leave every layer dense"
-    ),
-    "UnlimitedOcrTextMoe": (
-        "Unlimited-OCR MoE (DeepSeek-V2 router): the routing weights are the unrenormalised softmax top-k "
-        "times routed_scaling_factor, computed in float32 from a float32 router weight; modes-fx's graph "
-        "matcher does not link this routing to its experts, so it would leave every layer dense"
     ),
     "MistralLarge4TextMoE": (
         "Mistral-Large-4 MoE: softmax scores with a group-limited selection (masked_fill of the "
@@ -390,7 +380,8 @@ def _router_kind(router: torch.nn.Module, top_k: int) -> tuple[str, bool, float]
     """(router_kind, normalizes_top_k, weight_scale), measured by running the router on a probe input.
 
     softmax_topk: logits = h Wᵀ, indices = top-k of softmax(logits), weights = the selected
-    probabilities, renormalised or not; a router holding a selection bias is never this kind.
+    probabilities, renormalised or not, times the router's ``routed_scaling_factor`` where it has
+    one (DeepSeek-V2-style routers); a router holding a selection bias is never this kind.
     sigmoid_grouped_topk (routers with the DeepSeek-V3 attributes): weights = the selected
     sigmoid(logits), renormalised or not, times ``routed_scaling_factor``; the selection (bias,
     groups) is not checked. Anything else is "unknown" (weight_scale 1)."""
@@ -402,7 +393,7 @@ def _router_kind(router: torch.nn.Module, top_k: int) -> tuple[str, bool, float]
     if grouped:
         kind, scores, scale = "sigmoid_grouped_topk", logits.sigmoid(), float(getattr(router, "routed_scaling_factor", 1.0))
     else:
-        kind, scores, scale = "softmax_topk", logits.softmax(dim=-1), 1.0
+        kind, scores, scale = "softmax_topk", logits.softmax(dim=-1), float(getattr(router, "routed_scaling_factor", 1.0))
     picked = scores.gather(1, index)
     if not grouped and not _selects_top_k(scores, picked):
         return "unknown", False, 1.0

@@ -3,7 +3,9 @@
 ``modes_fx.harness.testing.build`` covers ``MODEL_NAMES`` (Qwen3-VL-MoE, Qwen3-MoE, Mixtral, OLMoE,
 Qwen2-MoE) and ``SIGMOID_MODEL_NAMES`` (DeepSeek-V3, Kimi-K2.5, GLM-4.5V-MoE); use it for those. This module holds the one copy of the test builders for the
 other families (a dense Llama, and MoE families with other router or expert layouts), with the
-same vocabulary, special token ids, width and depth as ``modes_fx.harness.testing``.
+same vocabulary, special token ids, width and depth as ``modes_fx.harness.testing``
+(``EXTRA_MODELS``), and of transformers 5.24's other multimodal MoE families shrunk from their
+default configurations (``SHRUNK_MODELS``: same vocabulary, special ids and depth, width 32).
 """
 from __future__ import annotations
 
@@ -67,8 +69,9 @@ EXTRA_MODELS = {
     )),
 }
 
-# Families refused at attach (sites.REFUSED_BLOCKS) built from their default configuration with
-# every size shrunk (``_SHRUNK``), plus what that configuration needs to stay consistent.
+# transformers 5.24 multimodal MoE families built from their default configuration with every size
+# shrunk (``_SHRUNK``), plus what that configuration needs to stay consistent: DeepSeek-OCR-2 and
+# Unlimited-OCR work with modes-fx, the others are refused at attach (sites.REFUSED_BLOCKS).
 # name: (model class, config class, overrides)
 SHRUNK_MODELS = {
     "deepseek_ocr2": (tf.DeepseekOcr2ForConditionalGeneration, tf.DeepseekOcr2Config, dict(text_config=dict(num_experts_per_tok=2))),
@@ -125,12 +128,15 @@ def _shrink(config: dict) -> dict:
     return out
 
 
-def _shrunk_config(config_cls, overrides: dict):
+def _shrunk_config(config_cls, *overrides: dict):
+    """``config_cls``'s default configuration shrunk, then each of ``overrides`` applied in turn
+    (a dict value updates a sub-configuration key by key)."""
     config = _shrink(config_cls().to_dict())
     for key in ("transformers_version", "architectures", "_name_or_path", "model_type"):
         config.pop(key, None)
-    for key, value in overrides.items():
-        config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
+    for override in overrides:
+        for key, value in override.items():
+            config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
     return config_cls(**config)
 
 
@@ -139,7 +145,7 @@ def extra_model(name: str, seed: int = 0, **config) -> torch.nn.Module:
     weights seeded by ``seed``; the global torch RNG is left untouched."""
     if name in SHRUNK_MODELS:
         model_cls, config_cls, overrides = SHRUNK_MODELS[name]
-        cfg = _shrunk_config(config_cls, {**overrides, **config})
+        cfg = _shrunk_config(config_cls, overrides, config)
     else:
         model_cls, config_cls, family = EXTRA_MODELS[name]
         common = {} if "text_config" in family else _COMMON  # multimodal configs take them in text_config

@@ -2,8 +2,8 @@
 as one dense bmm; top-1 sigmoid scores scale the expert input), Ernie-4.5-VL-MoE (separate text
 and vision expert groups on data-dependent token subsets, bias-corrected selection), Aria
 (softmax over the top-k raw logits, transposed experts) and the transformers 5.24 multimodal MoE
-families whose routing the matcher does not link to its experts, whose router has no [E, H]
-weight, whose selection is biased without groups, whose experts are not plain act(gate)·up, or
+families whose softmax routing selects by groups (Mistral-Large-4), whose router has no [E, H]
+weight (Gemma4), whose selection is biased without groups, whose experts are not plain act(gate)·up, or
 whose MoE is in the vision encoder; plus any router of an unknown kind, and any experts modes-fx
 cannot run or cannot find the router of. Refused where users meet them: ``Schedule.constant`` /
 ``attach`` raise naming each block and why; compiled without a schedule, the backend's report
@@ -23,8 +23,6 @@ REFUSED = {
     "llama4": (["model.layers.0.feed_forward", "model.layers.1.feed_forward"], "dense bmm over all experts", "raw router logits"),
     "ernie4_5_vl_moe": (["model.language_model.layers.1.mlp"], "separate text and vision expert groups", "adds a bias to the softmax"),
     "aria": (LM_MLP, "softmaxes only the selected ones", "raw router logits"),
-    "deepseek_ocr2": (LM_MLP, "does not link this routing to its experts", None),
-    "unlimited_ocr": (LM_MLP, "does not link this routing to its experts", None),
     "mistral_large4": (LM_MLP, "group-limited selection", None),
     "gemma4": (["model.language_model.layers.0.router", "model.language_model.layers.1.router"], "per_expert_scale", None),
     "dots3_note": (["model.vision_tower.blocks.0.mlp", "model.vision_tower.blocks.1.mlp"], "vision-encoder MoE", None),
