@@ -81,6 +81,10 @@ SHRUNK_MODELS = {
         per_layer_config=None, enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16, vocab_size_per_layer_input=VOCAB,
         hidden_size_per_layer_input=8,
     ))),
+    "diffusion_gemma": (tf.DiffusionGemmaForBlockDiffusion, tf.DiffusionGemmaConfig, dict(text_config=dict(
+        per_layer_config=None, enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16,
+        vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
+    ))),
     "dots3_note": (tf.Dots3NoteForConditionalGeneration, tf.Dots3NoteConfig, dict(
         text_config=dict(per_layer_config=None, num_key_value_heads=2),
         vision_config=dict(per_layer_config=None, adapter_out_dim=32), audio_config=dict(adapter_out_dim=32),
@@ -92,6 +96,11 @@ SHRUNK_MODELS = {
     "minimax_m3_vl": (tf.MiniMaxM3SparseForConditionalGeneration, tf.MiniMaxM3VLConfig, {}),
     "muse_spark": (tf.MuseSparkForConditionalGeneration, tf.MuseSparkConfig, {}),
     "step3p7": (tf.Step3p7ForConditionalGeneration, tf.Step3p7Config, dict(text_config=dict(share_expert_dim=8, sliding_window=64))),
+    "inkling": (tf.InklingForConditionalGeneration, tf.InklingConfig, {}),
+    "nemotron3_5_transcribe": (tf.Nemotron3_5TranscribeForConditionalGeneration, tf.Nemotron3_5TranscribeConfig, dict(
+        text_config=dict(layers_block_type=["moe", "moe"], mtp_layers_block_type=[], use_mamba_kernels=False),
+        word_timestamp_config=dict(blank_token_id=VOCAB - 1),
+    )),
     "inkling2": (tf.Inkling2ForConditionalGeneration, tf.Inkling2Config, {}),
     "inkling2_loop": (tf.Inkling2LoopForConditionalGeneration, tf.Inkling2LoopConfig, {}),
 }
@@ -99,9 +108,9 @@ _SHRUNK = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS, num_attention_heads=2, num_key_value_heads=1,
     head_dim=16, vocab_size=VOCAB, moe_intermediate_size=16, shared_expert_intermediate_size=16, depth=1, num_heads=2,
     n_routed_experts=8, num_experts=8, num_local_experts=8, num_experts_per_tok=2, d_model=32, mlp_dim=64,
-    out_hidden_size=32, text_hidden_size=32, adapter_in_dim=32, adapter_input_size=32, num_position_embeddings=16,
+    out_hidden_size=32, text_hidden_size=32, audio_hidden_size=32, adapter_in_dim=32, adapter_input_size=32, num_position_embeddings=16,
     max_position_embeddings=256, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-    output_channels=16, image_size=32, patch_size=4, window_size=4, global_attn_indexes=[0], downsample_channels=[16, 32],
+    n_layers=1, output_channels=16, image_size=32, patch_size=4, window_size=4, global_attn_indexes=[0], downsample_channels=[16, 32],
 )
 _SPECIAL_IDS = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, image_token_id=IMAGE_ID,
                     image_token_index=IMAGE_ID, video_token_id=VIDEO_ID)

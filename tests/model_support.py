@@ -35,6 +35,9 @@ FAMILIES = {
     "unlimited_ocr": "Unlimited-OCR",
     "mistral_large4": "Mistral-Large-4",
     "gemma4": "Gemma4 (MoE)",
+    "diffusion_gemma": "DiffusionGemma (block diffusion)",
+    "inkling": "Inkling",
+    "nemotron3_5_transcribe": "Nemotron-3.5-Transcribe (Nemotron-H language model)",
     "dots3_note": "dots3-note",
     "hy_v4_vl": "HY-V4-VL",
     "glm5_next": "GLM-5-Next",
@@ -89,11 +92,8 @@ Unlimited-OCR are tested on text inputs only (`tests/test_extra_families_e2e.py`
 MoE blocks compiled: a whole-model Dynamo trace of the tiny models takes ~15 s (OCR) and ~40 s
 (Qwen4-Exp) here; compiled whole, τ = 0 (forward, generate) and τ = +inf for text matched the
 references when probed by hand. Their vision inputs (SAM + encoder towers for the OCR models) are
-not built by the suite. Not in the table, no tiny model built yet: Inkling (`InklingMoE` in
-`REFUSED_BLOCKS`: one router weight scores routed and shared experts together) and
-Nemotron-3.5-Transcribe (its language model's `NemotronHMoE` in `REFUSED_BLOCKS`: ungated relu²
-experts); both refusals are untested. DiffusionGemma (`DiffusionGemmaForBlockDiffusion`) is a
-block-diffusion model without autoregressive `generate`; its Gemma4 router is refused by name.
+not built by the suite. DiffusionGemma (`DiffusionGemmaForBlockDiffusion`) is a block-diffusion
+model (encoder and decoder, both with Gemma4 MoE routers) without autoregressive `generate`.
 No class needed a missing package to be built on CPU (the linear-attention families fall back to
 transformers' torch implementations of causal-conv1d and the gated delta rule).
 """
@@ -130,7 +130,7 @@ def row(key: str, node_ids: list[str]) -> list[str]:
 
     model = build_model(key)
     sites = find_moe_sites(model)
-    kinds = sorted({s.router_kind for s in sites}) or ["none (no transformers experts module)"]
+    kinds = sorted({s.router_kind for s in sites}) or ["none found (no transformers experts module with a router beside it)"]
     declared = special_token_ids(model.config)
     modalities = ["text"] + [k for k in TOKEN_KINDS if k in declared]
     mine = [(n.split("::")[1].split("[")[0], _params(n)) for n in node_ids if key in _params(n)]

@@ -3,7 +3,7 @@ as one dense bmm; top-1 sigmoid scores scale the expert input), Ernie-4.5-VL-MoE
 and vision expert groups on data-dependent token subsets, bias-corrected selection), Aria
 (softmax over the top-k raw logits, transposed experts) and the transformers 5.24 multimodal MoE
 families whose softmax routing selects by groups (Mistral-Large-4), whose router has no [E, H]
-weight (Gemma4), whose selection is biased without groups, whose experts are not plain act(gate)·up, or
+weight (Gemma4, DiffusionGemma), whose router scores routed and shared experts together (Inkling), whose selection is biased without groups, whose experts are not plain act(gate)·up, or
 whose MoE is in the vision encoder; plus any router of an unknown kind, and any experts modes-fx
 cannot run or cannot find the router of. Refused where users meet them: ``Schedule.constant`` /
 ``attach`` raise naming each block and why; compiled without a schedule, the backend's report
@@ -25,6 +25,11 @@ REFUSED = {
     "aria": (LM_MLP, "softmaxes only the selected ones", "raw router logits"),
     "mistral_large4": (LM_MLP, "group-limited selection", None),
     "gemma4": (["model.language_model.layers.0.router", "model.language_model.layers.1.router"], "per_expert_scale", None),
+    "diffusion_gemma": (
+        [f"model.{part}layers.{i}.router" for part in ("encoder.language_model.", "decoder.") for i in (0, 1)], "per_expert_scale", None,
+    ),
+    "inkling": (LM_MLP, "[E + shared, H]", None),
+    "nemotron3_5_transcribe": (["model.language_model.layers.0.mixer", "model.language_model.layers.1.mixer"], "ungated experts", None),
     "dots3_note": (["model.vision_tower.blocks.0.mlp", "model.vision_tower.blocks.1.mlp"], "vision-encoder MoE", None),
     "hy_v4_vl": (LM_MLP, "clamped SwiGLU", None),
     "glm5_next": (LM_MLP, "clamped SwiGLU", None),
