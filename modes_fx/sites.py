@@ -29,6 +29,9 @@ _GROUPED_SIGMOID_ATTRS = ("e_score_correction_bias", "num_group", "topk_group")
 # A tensor of this name anywhere else in a router (Ernie-4.5 keeps one in ``gate.moe_statics``)
 # means the experts are not selected by π alone: such a router is "unknown".
 _SELECTION_BIAS = "e_score_correction_bias"
+# transformers' act(gate)·up, which its experts decorator gives every experts class that defines no
+# ``_apply_gate`` of its own (None in transformers versions without the hook)
+_DEFAULT_APPLY_GATE = getattr(_hf_moe, "_default_apply_gate", None)
 _SHARED_EXPERTS_NAMES = ("shared_expert", "shared_experts")
 _PROBE_TOKENS = 16
 _PROBE_LOGIT_STD = 2.0  # probe inputs are scaled so router logits have this std: spread-out weights
@@ -364,7 +367,7 @@ def _standard_layout(experts: torch.nn.Module) -> bool:
     has_gate_up = isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
     # transformers' own act(gate)·up: experts classes that define _apply_gate (clamped or softcapped
     # SwiGLU) compute something else
-    plain_gate = getattr(type(experts), "_apply_gate", None) is getattr(_hf_moe, "_default_apply_gate", None)
+    plain_gate = getattr(type(experts), "_apply_gate", _DEFAULT_APPLY_GATE) is _DEFAULT_APPLY_GATE
     return flags["has_gate"] and flags["is_concatenated"] and plain and has_gate_up and plain_gate
 
 
