@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations import moe as _hf_moe
 
 ROUTER_KINDS = ("softmax_topk", "sigmoid_grouped_topk", "unknown")
 # Instance attributes transformers' ``use_experts_implementation`` sets on every experts module.
@@ -28,6 +29,9 @@ _GROUPED_SIGMOID_ATTRS = ("e_score_correction_bias", "num_group", "topk_group")
 # A tensor of this name anywhere else in a router (Ernie-4.5 keeps one in ``gate.moe_statics``)
 # means the experts are not selected by π alone: such a router is "unknown".
 _SELECTION_BIAS = "e_score_correction_bias"
+# transformers' act(gate)·up, which its experts decorator gives every experts class that defines no
+# ``_apply_gate`` of its own (None in transformers versions without the hook)
+_DEFAULT_APPLY_GATE = getattr(_hf_moe, "_default_apply_gate", None)
 _SHARED_EXPERTS_NAMES = ("shared_expert", "shared_experts")
 _PROBE_TOKENS = 16
 _PROBE_LOGIT_STD = 2.0  # probe inputs are scaled so router logits have this std: spread-out weights
@@ -50,8 +54,8 @@ class MoESite:
     activation: str  # transformers activation name of the experts (config.hidden_act)
     standard_layout: bool  # gated, concatenated [gate; up], not transposed, no bias, no post-expert norm
     # Where π comes from: the router's weights are weight_scale · π, π being the selected
-    # (softmax or sigmoid) scores, renormalised when normalizes_top_k. 1 for softmax routers,
-    # routed_scaling_factor for the DeepSeek-V3 family (applied after skipping).
+    # (softmax or sigmoid) scores, renormalised when normalizes_top_k: the router's
+    # routed_scaling_factor (DeepSeek-V2 and -V3 families, applied after skipping), else 1.
     weight_scale: float = 1.0
 
 
@@ -120,7 +124,8 @@ class UnsupportedBlock:
     reason: str
 
 
-# MoE block classes refused by name, with why: their dispatch has no form the rewrite can key on.
+# MoE block (or, where the MoE lives in the decoder layer itself, router) classes refused by name,
+# with why: their routing or experts have no form the rewrite can key on or the op can run.
 REFUSED_BLOCKS = {
     "Llama4TextMoe": (
         "Llama4 MoE: every expert runs on every token (one dense bmm over all experts), and the "
@@ -139,10 +144,84 @@ REFUSED_BLOCKS = {
         "its experts store their weights transposed (not the [E, 2I, H] / [E, H, I] layout "
         "modes::masked_experts runs)"
     ),
+    "MistralLarge4TextMoE": (
+        "Mistral-Large-4 MoE: softmax scores with a group-limited selection (masked_fill of the "
+        "non-selected groups, top-k over the masked scores, weights gathered back from the softmax), "
+        "times routed_scaling_factor; modes-fx knows gather-after-selection only for DeepSeek-V3 "
+        "sigmoid routers"
+    ),
+    "Gemma4TextRouter": (
+        "Gemma4 MoE: the router is an RMS-normed, scaled projection (router.proj, no [E, H] weight of "
+        "its own) inside the decoder layer, and its renormalised top-k weights are multiplied by a "
+        "learned per_expert_scale, so π is not the routing weight the experts receive"
+    ),
+    "DiffusionGemmaTextRouter": (
+        "DiffusionGemma MoE (Gemma4 router): an RMS-normed, scaled projection (router.proj, no [E, H] "
+        "weight of its own) whose renormalised top-k weights are multiplied by a learned "
+        "per_expert_scale; a block-diffusion model without autoregressive generate"
+    ),
+    "Dots3NoteVisionMoE": (
+        "dots3-note vision-encoder MoE: the vision tower's own MoE layers route image patches inside "
+        "the encoder (not language-model tokens with modality ids) through a router that takes the "
+        "block's e_score_correction_bias as an argument; modes-fx rewrites language-model MoE layers only"
+    ),
+    "Glm5NextTextMoE": (
+        "GLM-5-Next MoE: its experts compute a clamped SwiGLU (gate ≤ swiglu_limit, |up| ≤ swiglu_limit), "
+        "not the plain act(gate)·up that modes::masked_experts runs"
+    ),
+    "HYV4VLMoE": (
+        "HY-V4-VL MoE: its experts compute a clamped SwiGLU (gate ≤ swiglu_limit, |up| ≤ swiglu_limit), "
+        "not the plain act(gate)·up that modes::masked_experts runs"
+    ),
+    "InklingMoE": (
+        "Inkling MoE: one router weight [E + shared, H] scores routed and shared experts together, and "
+        "the weights are a softmax over the logsigmoid of the k selected plus the shared logits "
+        "(selected with e_score_correction_bias), so π and the shared experts' gammas come from one "
+        "normalisation modes-fx does not model"
+    ),
+    "Inkling2SparseMoeBlock": (
+        "Inkling2 MoE: experts are selected by sigmoid score plus e_score_correction_bias without groups, "
+        "and the experts compute a softcapped SwiGLU, not the plain act(gate)·up that "
+        "modes::masked_experts runs"
+    ),
+    "Inkling2LoopSparseMoeBlock": (
+        "Inkling2-Loop MoE: experts are selected by sigmoid score plus e_score_correction_bias without "
+        "groups, and the experts compute a softcapped SwiGLU, not the plain act(gate)·up that "
+        "modes::masked_experts runs"
+    ),
+    "MiniMaxM3VLSparseMoeBlock": (
+        "MiniMax-M3 MoE: experts are selected by sigmoid score plus e_score_correction_bias without "
+        "groups, and the experts compute a clamped (up + 1)·gate·sigmoid(α·gate), not the plain "
+        "act(gate)·up that modes::masked_experts runs"
+    ),
+    "MuseSparkMoE": (
+        "Muse-Spark MoE: the router scales its logits by output_multiplier and selects by sigmoid plus "
+        "e_score_correction_bias without groups, and the experts run between a pre-expert projection "
+        "and norm and apply a post-expert norm to each expert's output"
+    ),
+    "NemotronHMoE": (
+        "Nemotron-H MoE (Nemotron-3.5-Transcribe's language model): ungated experts (up_proj then "
+        "relu², no gate), not the gated [E, 2I, H] / [E, H, I] experts modes::masked_experts runs"
+    ),
+    "Step3p7SparseMoeBlock": (
+        "Step-3.7 MoE: its experts are not a transformers experts implementation (an eager loop only) "
+        "and compute a clamped SwiGLU, and experts are selected by sigmoid plus e_score_correction_bias "
+        "without groups"
+    ),
 }
 _UNKNOWN_ROUTER = (
     "router {router} selects experts by a formula modes-fx does not know (neither softmax top-k nor "
     "DeepSeek-V3 sigmoid grouped top-k when probed, e.g. a selection bias)"
+)
+
+_NO_ROUTER = (
+    "experts module {experts} has no router modes-fx can find (a sibling module with a weight [E, H] "
+    "and a top_k) or is not a transformers experts implementation, so its tokens would run dense unnoticed"
+)
+_NONSTANDARD_EXPERTS = (
+    "experts {experts} are not gated, concatenated [gate; up], untransposed and bias-free with transformers' "
+    "own act(gate)·up (e.g. a clamped or softcapped SwiGLU, a post-expert norm): modes::masked_experts "
+    "cannot run them"
 )
 
 _OFFLOADED = (
@@ -160,16 +239,24 @@ def unsupported_moe_blocks(model: torch.nn.Module, sites: list[MoESite] | None =
     ``sites``: see ``known_sites``."""
     sites = known_sites(model, sites)
     refused = [UnsupportedBlock(path, REFUSED_BLOCKS[type(m).__name__]) for path, m in model.named_modules() if type(m).__name__ in REFUSED_BLOCKS]
-    inside = tuple(f"{b.path}." for b in refused)
+    # a refused block covers its own modules and its siblings (a refused router's experts)
+    covered = tuple(f"{p}." for b in refused for p in (b.path, b.path.rpartition(".")[0]) if p)
     others = []
     for site in sites:
-        if site.path.startswith(inside):
+        if site.path.startswith(covered):
             continue
         if any(p.is_meta for p in site_parameters(model, site).values()):
             others.append(UnsupportedBlock(site.path, _OFFLOADED))
         elif site.router_kind == "unknown":
             others.append(UnsupportedBlock(site.path, _UNKNOWN_ROUTER.format(router=site.router_path)))
-    return refused + others
+        elif not site.standard_layout:
+            others.append(UnsupportedBlock(site.path, _NONSTANDARD_EXPERTS.format(experts=site.experts_path)))
+    found = {s.experts_path for s in sites}
+    for path, module in model.named_modules():
+        if path not in found and not path.startswith(covered) and _holds_experts(module):
+            others.append(UnsupportedBlock(path, _NO_ROUTER.format(experts=path)))
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    return refused + sorted(others, key=lambda b: order[b.path])
 
 
 def check_supported(model: torch.nn.Module, sites: list[MoESite] | None = None) -> None:
@@ -224,6 +311,13 @@ def _is_experts_module(module: torch.nn.Module) -> bool:
     return all(hasattr(module, f) for f in _EXPERTS_FLAGS) and isinstance(down, torch.Tensor) and down.dim() == 3
 
 
+def _holds_experts(module: torch.nn.Module) -> bool:
+    """Holds 3D expert weights (a ``down_proj`` [E, H, I]), whether or not transformers' experts
+    decorator made it an experts module."""
+    down = getattr(module, "down_proj", None)
+    return isinstance(down, torch.Tensor) and down.dim() == 3
+
+
 def _num_experts(experts: torch.nn.Module) -> int:
     return int(experts.down_proj.shape[0])
 
@@ -271,7 +365,10 @@ def _standard_layout(experts: torch.nn.Module) -> bool:
     flags = {f: bool(getattr(experts, f)) for f in _EXPERTS_FLAGS}
     plain = not (flags["has_bias"] or flags["is_transposed"] or flags["has_post_expert_norm"])
     has_gate_up = isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
-    return flags["has_gate"] and flags["is_concatenated"] and plain and has_gate_up
+    # transformers' own act(gate)·up: experts classes that define _apply_gate (clamped or softcapped
+    # SwiGLU) compute something else
+    plain_gate = getattr(type(experts), "_apply_gate", _DEFAULT_APPLY_GATE) is _DEFAULT_APPLY_GATE
+    return flags["has_gate"] and flags["is_concatenated"] and plain and has_gate_up and plain_gate
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -286,7 +383,8 @@ def _router_kind(router: torch.nn.Module, top_k: int) -> tuple[str, bool, float]
     """(router_kind, normalizes_top_k, weight_scale), measured by running the router on a probe input.
 
     softmax_topk: logits = h Wᵀ, indices = top-k of softmax(logits), weights = the selected
-    probabilities, renormalised or not; a router holding a selection bias is never this kind.
+    probabilities, renormalised or not, times the router's ``routed_scaling_factor`` where it has
+    one (DeepSeek-V2-style routers); a router holding a selection bias is never this kind.
     sigmoid_grouped_topk (routers with the DeepSeek-V3 attributes): weights = the selected
     sigmoid(logits), renormalised or not, times ``routed_scaling_factor``; the selection (bias,
     groups) is not checked. Anything else is "unknown" (weight_scale 1)."""
@@ -298,7 +396,7 @@ def _router_kind(router: torch.nn.Module, top_k: int) -> tuple[str, bool, float]
     if grouped:
         kind, scores, scale = "sigmoid_grouped_topk", logits.sigmoid(), float(getattr(router, "routed_scaling_factor", 1.0))
     else:
-        kind, scores, scale = "softmax_topk", logits.softmax(dim=-1), 1.0
+        kind, scores, scale = "softmax_topk", logits.softmax(dim=-1), float(getattr(router, "routed_scaling_factor", 1.0))
     picked = scores.gather(1, index)
     if not grouped and not _selects_top_k(scores, picked):
         return "unknown", False, 1.0

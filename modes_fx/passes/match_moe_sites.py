@@ -2,9 +2,11 @@
 
 Two router kinds are recognised, as transformers' routers trace:
 
-- ``softmax_topk`` (Qwen3-VL-MoE / Qwen3-MoE / Mixtral / OLMoE / Qwen2-MoE)::
+- ``softmax_topk`` (Qwen3-VL-MoE / Qwen3-MoE / Mixtral / OLMoE / Qwen2-MoE; DeepSeek-V2-style
+  routers with greedy selection, e.g. DeepSeek-OCR-2, also scale by ``routed_scaling_factor``)::
 
-    linear(h, W) → [cast] → softmax → [cast] → topk → getitem 0 → [x / x.sum(-1, keepdim)] → [cast]
+    linear(h, W) → [cast] → softmax → [cast] → topk → getitem 0 → [x / x.sum(-1, keepdim)]
+                                                               → [× routed_scaling_factor] → [cast]
                                                     → getitem 1
 
 - ``sigmoid_grouped_topk`` (DeepSeek-V3, Kimi-K2.5, GLM-4.5V-MoE)::
@@ -155,7 +157,8 @@ def _match_routing(topk: fx.Node) -> Routing | str:
     if values is None or indices is None:
         return "top-k values or indices are not both used"
     scores, normalizes = _renormalised(values)
-    return Routing(linear, strip_casts(linear.args[1]), topk, indices, scores, _cast_of(scores), normalizes)
+    weights, scale = _scaled(scores)
+    return Routing(linear, strip_casts(linear.args[1]), topk, indices, scores, _cast_of(weights), normalizes, scale=scale)
 
 
 def _topk_outputs(topk: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
