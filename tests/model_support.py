@@ -58,6 +58,7 @@ TEST_FILES = (
     "tests/test_extra_families_e2e.py",
     "tests/test_calibrate_families.py",
     "tests/test_refused_families.py",
+    "tests/test_evaluate.py",
 )
 TAU_ZERO, TAU_INF, MID = "τ=0 = uncompiled (forward, generate)", "τ=+inf for a modality = its routed experts removed", "mid τ = independent rule, track() counts"
 CHECKS = {
@@ -70,6 +71,9 @@ CHECKS = {
     "test_schedule_and_attach_refuse_naming_each_block": ("Schedule/attach refuse with the reason",),
     "test_backend_reports_the_routers_it_leaves_untouched": ("backend report lists it untouched",),
     "test_unknown_router_kind_is_refused_at_attach": ("Schedule/attach refuse its unknown router",),
+    "test_calibrate_samples_then_evaluate_from_the_command_line": ("saved with its processor: `modes calibrate --samples` then `modes evaluate`",),
+    "test_dense_answers_match_plain_generate_and_tau_zero_matches_dense": ("evaluate_samples: dense = plain generate(), τ=0 = dense",),
+    "test_reported_skip_ratio_is_the_one_track_measures": ("evaluate_samples' skip = track()'s",),
 }
 OVERRIDES: dict[str, dict] = {}  # config overrides per builder name, if a default has no MoE layer
 IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
