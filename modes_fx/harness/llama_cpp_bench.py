@@ -24,7 +24,11 @@ its sdist, which vendors llama.cpp, and ``gguf``). Harness only: no product modu
    on both alike; every llama.cpp row is the median over the rounds of both phases.
 
 The table: decode tokens/s, ms/token, the ratio to llama.cpp f32 dense and to modes-fx (fp32)
-dense. Writes ``llama_cpp.json`` into ``--out``.
+dense, the weight bytes a step reads and the measured time's fraction of their bandwidth bound;
+then each engine's ms/token split into a fixed and a per-routed-pair part. Writes
+``llama_cpp.json`` into ``--out``. Both engines use OpenMP; the process runs with
+``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``; spinning threads were pathological on a
+shared, loaded CPU, see docs/benchmarks.md).
 """
 from __future__ import annotations
 
