@@ -16,7 +16,7 @@ import modes_fx
 ROOT = Path(modes_fx.__file__).resolve().parent
 HARNESS = "modes_fx.harness"
 FRONT_END = "modes_fx.cli"  # the `modes` command: runs product and harness commands alike
-HARNESS_ONLY = ("sklearn", "matplotlib", "pytest", "hypothesis")
+HARNESS_ONLY = ("sklearn", "matplotlib", "pytest", "hypothesis", "llama_cpp", "gguf")
 
 
 def module_name(path: Path) -> str:

@@ -384,26 +384,28 @@ def run(cfg: BenchConfig, out_dir: Path, precision: str = "fp32", echo=print) ->
     return result
 
 
-def run_fp32(cfg: BenchConfig, echo, bandwidth: float) -> dict:
-    """The fp32 rows: eager, dense (the baseline), modes tau=0 and modes at :data:`SKIP_TARGETS`;
-    returns ``experts_share`` and ``variants`` (table rows)."""
+def run_fp32(cfg: BenchConfig, echo, bandwidth: float, targets=SKIP_TARGETS, eager: bool = True, each_round=None) -> dict:
+    """The fp32 rows: eager (unless ``eager`` is false), dense (the baseline), modes tau=0 and
+    modes at ``targets`` (default :data:`SKIP_TARGETS`); returns ``experts_share`` and
+    ``variants`` (table rows). ``each_round`` as in :func:`measure`."""
     torch._dynamo.reset()
     model = build_model(cfg)
     runner = Runner(model, cfg)
-    variants = [Variant("eager", "eager"), Variant("dense", "dense"), Variant("modes tau=0", "modes")]
+    variants = [Variant("eager", "eager")] if eager else []
+    variants += [Variant("dense", "dense"), Variant("modes tau=0", "modes")]
     with torch.no_grad():
-        variants, share = measure(runner, variants, SKIP_TARGETS, "modes", echo)
+        variants, share = measure(runner, variants, targets, "modes", echo, each_round=each_round)
     runner.close()
     return {"experts_share": share, "variants": _rows(variants, "dense", share, _decode_roofline(model, cfg, bandwidth))}
 
 
-def run_w4a16(cfg: BenchConfig, echo, bandwidth: float) -> dict:
+def run_w4a16(cfg: BenchConfig, echo, bandwidth: float, each_round=None) -> dict:
     """The W4A16 rows: the benchmark model converted to bf16 and quantized by
     :func:`modes_fx.quant.quantize.quantize_experts` (int4 experts and linears), timed as ``w4a16
     dense`` (torch.compile with ``cfg.compiler``, the baseline of these rows), ``w4a16 tau=0``
     and ``w4a16 skip=88%``. Also measures the weight memory (MiB) of the fp32, bf16 and W4A16
     models and the W4A16 logits' relative error ‖W4A16 − bf16‖ / ‖bf16‖ on the benchmark prompt
-    (eager, every position)."""
+    (eager, every position). ``each_round`` as in :func:`measure`."""
     from modes_fx.quant.quantize import model_weight_bytes, quantize_experts
 
     torch._dynamo.reset()  # fresh automatic-dynamic state: these graphs compile as the fp32 ones did
@@ -420,7 +422,7 @@ def run_w4a16(cfg: BenchConfig, echo, bandwidth: float) -> dict:
     runner = Runner(model, cfg)
     variants = [Variant("w4a16 dense", "dense"), Variant("w4a16 tau=0", "modes")]
     with torch.no_grad():
-        variants, share = measure(runner, variants, (W4A16_SKIP,), "w4a16", echo, op="modes::masked_experts_int4")
+        variants, share = measure(runner, variants, (W4A16_SKIP,), "w4a16", echo, op="modes::masked_experts_int4", each_round=each_round)
     runner.close()
     return {
         "group_size": report.group_size,
@@ -433,10 +435,12 @@ def run_w4a16(cfg: BenchConfig, echo, bandwidth: float) -> dict:
     }
 
 
-def measure(runner: Runner, variants: list[Variant], targets, prefix: str, echo, op: str = "modes::masked_experts"):
+def measure(runner: Runner, variants: list[Variant], targets, prefix: str, echo, op: str = "modes::masked_experts", each_round=None):
     """Warm up ``variants``, add a ``f"{prefix} skip=S"`` variant per target skip ratio, time all
     of them interleaved (``cfg.reps`` rounds; medians) and measure their memory; returns
-    (variants, experts share of ``op`` in the tau=0 time). Call under ``no_grad``."""
+    (variants, experts share of ``op`` in the tau=0 time). Call under ``no_grad``.
+    ``each_round()``, when given, runs after the variants of every timed round (the llama.cpp
+    side-by-side times its own rows there, interleaved with these)."""
     # Warm-up compiles the prefill and decode graphs, modes first (both callables share
     # Dynamo's automatic-dynamic state; compiling modes first keeps its prefill graph
     # static-shaped, as in the measured table), then checks every MoE site was rewritten.
@@ -450,6 +454,8 @@ def measure(runner: Runner, variants: list[Variant], targets, prefix: str, echo,
     for _ in range(runner.cfg.reps):
         for v in variants:
             _measure_once(runner, v, samples[v.name])
+        if each_round is not None:
+            each_round()
     for v in variants:
         v.prefill_ms = statistics.median(samples[v.name]["prefill"])
         v.decode_ms = statistics.median(samples[v.name]["decode"])
