@@ -66,14 +66,15 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return data.images, data.target.astype(np.int64)
 
 
-def patchify(image: torch.Tensor) -> torch.Tensor:
+def patchify(image: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
     """One image float32 [C, H, W] → patches [gh·gw, C·temporal·patch·patch] in Qwen2-VL's
     processor order: merge windows row-major, the 2×2 patches of a window consecutive, each
-    patch repeated over the temporal axis (a still image)."""
+    patch repeated over the temporal axis (a still image). ``patch_size``: pixels per patch side
+    (the digits model's 4 by default; the grids task uses 8)."""
     c, h, w = image.shape
-    if c != IN_CHANNELS or h % (PATCH_SIZE * SPATIAL_MERGE_SIZE) or w % (PATCH_SIZE * SPATIAL_MERGE_SIZE):
-        raise ValueError(f"image must be [{IN_CHANNELS}, H, W] with H, W multiples of {PATCH_SIZE * SPATIAL_MERGE_SIZE}, got {tuple(image.shape)}")
-    gh, gw, m, p = h // PATCH_SIZE, w // PATCH_SIZE, SPATIAL_MERGE_SIZE, PATCH_SIZE
+    if c != IN_CHANNELS or h % (patch_size * SPATIAL_MERGE_SIZE) or w % (patch_size * SPATIAL_MERGE_SIZE):
+        raise ValueError(f"image must be [{IN_CHANNELS}, H, W] with H, W multiples of {patch_size * SPATIAL_MERGE_SIZE}, got {tuple(image.shape)}")
+    gh, gw, m, p = h // patch_size, w // patch_size, SPATIAL_MERGE_SIZE, patch_size
     patches = image.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # gh, gw, mh, mw, C, ph, pw
     patches = patches.unsqueeze(5).expand(*patches.shape[:5], TEMPORAL_PATCH_SIZE, p, p)
     return patches.reshape(gh * gw, c * TEMPORAL_PATCH_SIZE * p * p)
