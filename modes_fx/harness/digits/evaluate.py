@@ -25,10 +25,12 @@ from . import data
 
 @dataclass
 class Accuracy:
-    """Correct and total answers per question type."""
+    """Correct and total answers per question type of a task (``task``: its data module, with
+    ``QUESTION_TYPES``, ``VISION_TYPES`` and ``TEXT_TYPES``; the digits task by default)."""
 
     correct: Counter = field(default_factory=Counter)
     total: Counter = field(default_factory=Counter)
+    task: object = field(default=data, repr=False, compare=False)
 
     def _ratio(self, types: Sequence[str]) -> float:
         n = sum(self.total[t] for t in types)
@@ -41,14 +43,14 @@ class Accuracy:
 
     @property
     def by_type(self) -> dict[str, float]:
-        """Fraction correct per question type that occurred, in QUESTION_TYPES order."""
-        return {t: self._ratio([t]) for t in data.QUESTION_TYPES if self.total[t]}
+        """Fraction correct per question type that occurred, in the task's QUESTION_TYPES order."""
+        return {t: self._ratio([t]) for t in self.task.QUESTION_TYPES if self.total[t]}
 
     @property
     def by_modality(self) -> dict[str, float]:
         """Fraction correct over the vision questions and over the text questions (those that occurred)."""
         out = {}
-        for name, types in (("vision", data.VISION_TYPES), ("text", data.TEXT_TYPES)):
+        for name, types in (("vision", self.task.VISION_TYPES), ("text", self.task.TEXT_TYPES)):
             if any(self.total[t] for t in types):
                 out[name] = self._ratio(types)
         return out
@@ -63,9 +65,10 @@ def predict(model: Callable, batch: data.Batch) -> torch.Tensor:
     return answer_ids[logits[:, answer_ids].argmax(dim=-1)].cpu()
 
 
-def accuracy(model: Callable, batches: Sequence[data.Batch], progress: bool = False) -> Accuracy:
-    """Accuracy of ``model`` on ``batches`` (e.g. ``data.split_batches("test")``)."""
-    result = Accuracy()
+def accuracy(model: Callable, batches: Sequence[data.Batch], progress: bool = False, task=data) -> Accuracy:
+    """Accuracy of ``model`` (any callable: eager, compiled, attached) on ``batches`` of ``task``
+    (its data module; e.g. ``data.split_batches("test")``): one forward per batch."""
+    result = Accuracy(task=task)
     for batch in tqdm(batches, desc="evaluating", disable=not progress):
         hits = predict(model, batch) == batch.answer_ids
         for qtype, hit in zip(batch.question_types, hits.tolist()):

@@ -12,42 +12,17 @@ import argparse
 from collections.abc import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from modes_fx.harness.digits import evaluate as digits_evaluate
-from modes_fx.harness.digits.evaluate import predict, routed_experts_removed, top_k_routing
+from modes_fx.harness.digits.evaluate import Accuracy, predict, routed_experts_removed, top_k_routing  # noqa: F401 (re-exported)
 
 from . import data
 
 
-class Accuracy(digits_evaluate.Accuracy):
-    """Correct and total answers per question type (the grids task's types and modalities)."""
-
-    @property
-    def by_type(self) -> dict[str, float]:
-        """Fraction correct per question type that occurred, in ``data.QUESTION_TYPES`` order."""
-        return {t: self._ratio([t]) for t in data.QUESTION_TYPES if self.total[t]}
-
-    @property
-    def by_modality(self) -> dict[str, float]:
-        """Fraction correct over the vision and over the text questions (those that occurred)."""
-        out = {}
-        for name, types in (("vision", data.VISION_TYPES), ("text", data.TEXT_TYPES)):
-            if any(self.total[t] for t in types):
-                out[name] = self._ratio(types)
-        return out
-
-
 def accuracy(model: Callable, batches: Sequence[data.Batch], progress: bool = False) -> Accuracy:
-    """Accuracy of ``model`` (any callable: eager, compiled, attached) on ``batches``
-    (e.g. ``data.split_batches("test")``): one forward per batch."""
-    result = Accuracy()
-    for batch in tqdm(batches, desc="evaluating", disable=not progress):
-        hits = predict(model, batch) == batch.answer_ids
-        for qtype, hit in zip(batch.question_types, hits.tolist()):
-            result.total[qtype] += 1
-            result.correct[qtype] += hit
-    return result
+    """Accuracy of ``model`` (any callable: eager, compiled, attached) on grids ``batches``
+    (``digits.evaluate.accuracy`` with this task's question types)."""
+    return digits_evaluate.accuracy(model, batches, progress, task=data)
 
 
 def sensitivity(model: torch.nn.Module, batches: Sequence[data.Batch], per_layer: bool = False, progress: bool = False) -> dict[str, Accuracy]:
