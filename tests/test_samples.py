@@ -97,6 +97,8 @@ def test_bad_samples_name_the_sample(processor, tmp_path):
         from_samples(processor, [{**good, "answer": "<|im_end|>"}])
     with pytest.raises(ValueError, match="no samples"):
         from_samples(processor, [])
+    with pytest.raises(ValueError, match=r"sample 1: unknown fields \['video'\]; samples hold images and text only"):
+        from_samples(processor, [good, {**good, "video": "clip.mp4"}])  # never encoded without its video
 
 
 def test_a_bare_tokenizer_is_refused_naming_what_it_lacks(processor):

@@ -30,6 +30,12 @@ from PIL import Image
 from .files import json_lines
 
 _FIELDS = ("image", "question", "answer")
+# Why a sample with video or audio is refused rather than encoded without it
+_IMAGES_ONLY = (
+    "samples hold images and text only: the processors that take video or audio in the supported "
+    "families (Qwen3-VL's video processor, Qwen3-Omni's) need torchvision, which has no wheel for "
+    "this torch; calibrate video or audio from tensor items (docs/calibration.md)"
+)
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,15 @@ class Sample:
     source: str = ""
 
     @classmethod
-    def of(cls, sample: Sample | Mapping) -> Sample:
-        """A Sample as given, or from a mapping with "image" (one or a list), "question", "answer"."""
+    def of(cls, sample: Sample | Mapping, index: int = 0) -> Sample:
+        """A Sample as given, or from a mapping with "image" (one or a list), "question", "answer"
+        (and optionally "source"); ValueError naming sample ``index`` for any other field (video
+        and audio among them: ``_IMAGES_ONLY``)."""
         if isinstance(sample, Sample):
             return sample
+        unknown = sorted(set(sample) - {*_FIELDS, "source"})
+        if unknown:
+            raise ValueError(f"sample {index}: unknown fields {unknown}; " + _IMAGES_ONLY)
         image = sample["image"]
         images = tuple(image) if isinstance(image, (list, tuple)) else (image,)
         return cls(images, sample["question"], sample["answer"], sample.get("source", ""))
@@ -67,7 +78,7 @@ def read_samples(path: str | os.PathLike) -> list[Sample]:
     for n, record in json_lines(path):
         if not isinstance(record, dict) or set(record) != set(_FIELDS):
             got = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}:{n}: expected an object with exactly the fields {list(_FIELDS)}, got {got}")
+            raise ValueError(f"{path}:{n}: expected an object with exactly the fields {list(_FIELDS)}, got {got}; " + _IMAGES_ONLY)
         images = record["image"] if isinstance(record["image"], list) else [record["image"]]
         resolved = tuple(str(path.parent / image) for image in images)
         samples.append(Sample(resolved, record["question"], record["answer"], f"{path}:{n}"))
@@ -190,7 +201,7 @@ def _labels(input_ids: torch.Tensor, answers: list[tuple[list[int], int]], names
 
 def as_samples(samples: Iterable[Sample | Mapping]) -> list[Sample]:
     """Samples as given, or from mappings (``Sample.of``); ValueError when there are none."""
-    out = [Sample.of(s) for s in samples]
+    out = [Sample.of(s, i) for i, s in enumerate(samples)]
     if not out:
         raise ValueError("no samples")
     return out
