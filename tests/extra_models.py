@@ -69,40 +69,54 @@ EXTRA_MODELS = {
     )),
 }
 
+def _tf(name: str):
+    """transformers' class ``name``, or None where the installed transformers has none (HY-V4-VL
+    and Inkling2-Loop arrived in 5.24; the floor pass runs 5.23): see ``missing``."""
+    return getattr(tf, name, None)
+
+
+def missing(name: str) -> str | None:
+    """Why the tiny ``name`` model cannot be built with the installed transformers (its classes
+    are not there), or None when it can."""
+    if name not in SHRUNK_MODELS or None not in SHRUNK_MODELS[name][:2]:
+        return None
+    return f"transformers {tf.__version__} has no {name} model classes (added in a later version)"
+
+
 # transformers 5.24 multimodal MoE families built from their default configuration with every size
 # shrunk (``_SHRUNK``), plus what that configuration needs to stay consistent: DeepSeek-OCR-2 and
 # Unlimited-OCR work with modes-fx, the others are refused at attach (sites.REFUSED_BLOCKS).
 # name: (model class, config class, overrides)
 SHRUNK_MODELS = {
-    "deepseek_ocr2": (tf.DeepseekOcr2ForConditionalGeneration, tf.DeepseekOcr2Config, dict(text_config=dict(num_experts_per_tok=2))),
-    "unlimited_ocr": (tf.UnlimitedOcrForConditionalGeneration, tf.UnlimitedOcrConfig, {}),
-    "mistral_large4": (tf.MistralLarge4ForConditionalGeneration, tf.MistralLarge4Config, dict(text_config=dict(num_key_value_heads=2))),
-    "gemma4": (tf.Gemma4ForConditionalGeneration, tf.Gemma4Config, dict(text_config=dict(
+    "deepseek_ocr2": (_tf("DeepseekOcr2ForConditionalGeneration"), _tf("DeepseekOcr2Config"), dict(text_config=dict(num_experts_per_tok=2))),
+    "unlimited_ocr": (_tf("UnlimitedOcrForConditionalGeneration"), _tf("UnlimitedOcrConfig"), {}),
+    "mistral_large4": (_tf("MistralLarge4ForConditionalGeneration"), _tf("MistralLarge4Config"), dict(text_config=dict(num_key_value_heads=2))),
+    "gemma4": (_tf("Gemma4ForConditionalGeneration"), _tf("Gemma4Config"), dict(text_config=dict(
         per_layer_config=None, enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16, vocab_size_per_layer_input=VOCAB,
         hidden_size_per_layer_input=8,
     ))),
-    "diffusion_gemma": (tf.DiffusionGemmaForBlockDiffusion, tf.DiffusionGemmaConfig, dict(text_config=dict(
+    "diffusion_gemma": (_tf("DiffusionGemmaForBlockDiffusion"), _tf("DiffusionGemmaConfig"), dict(text_config=dict(
         per_layer_config=None, enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16,
         vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
     ))),
-    "dots3_note": (tf.Dots3NoteForConditionalGeneration, tf.Dots3NoteConfig, dict(
+    "dots3_note": (_tf("Dots3NoteForConditionalGeneration"), _tf("Dots3NoteConfig"), dict(
         text_config=dict(per_layer_config=None, num_key_value_heads=2),
         vision_config=dict(per_layer_config=None, adapter_out_dim=32), audio_config=dict(adapter_out_dim=32),
     )),
-    "hy_v4_vl": (tf.HYV4VLForConditionalGeneration, tf.HYV4VLConfig, dict(text_config=dict(
+    "hy_v4_vl": (_tf("HYV4VLForConditionalGeneration"), _tf("HYV4VLConfig"), dict(text_config=dict(
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
     ))),
-    "glm5_next": (tf.Glm5NextForConditionalGeneration, tf.Glm5NextConfig, dict(text_config=dict(num_key_value_heads=2, qk_rope_head_dim=0))),
-    "minimax_m3_vl": (tf.MiniMaxM3SparseForConditionalGeneration, tf.MiniMaxM3VLConfig, {}),
-    "muse_spark": (tf.MuseSparkForConditionalGeneration, tf.MuseSparkConfig, {}),
-    "step3p7": (tf.Step3p7ForConditionalGeneration, tf.Step3p7Config, dict(text_config=dict(share_expert_dim=8, sliding_window=64))),
-    "inkling": (tf.InklingForConditionalGeneration, tf.InklingConfig, {}),
-    "nemotron3_5_transcribe": (tf.Nemotron3_5TranscribeForConditionalGeneration, tf.Nemotron3_5TranscribeConfig, dict(
+    "glm5_next": (_tf("Glm5NextForConditionalGeneration"), _tf("Glm5NextConfig"), dict(text_config=dict(num_key_value_heads=2, qk_rope_head_dim=0))),
+    "minimax_m3_vl": (_tf("MiniMaxM3SparseForConditionalGeneration"), _tf("MiniMaxM3VLConfig"), {}),
+    "muse_spark": (_tf("MuseSparkForConditionalGeneration"), _tf("MuseSparkConfig"), {}),
+    "step3p7": (_tf("Step3p7ForConditionalGeneration"), _tf("Step3p7Config"), dict(text_config=dict(share_expert_dim=8, sliding_window=64))),
+    "inkling": (_tf("InklingForConditionalGeneration"), _tf("InklingConfig"), {}),
+    "nemotron3_5_transcribe": (_tf("Nemotron3_5TranscribeForConditionalGeneration"), _tf("Nemotron3_5TranscribeConfig"), dict(
         text_config=dict(layers_block_type=["moe", "moe"], mtp_layers_block_type=[], use_mamba_kernels=False),
         word_timestamp_config=dict(blank_token_id=VOCAB - 1),
     )),
-    "inkling2": (tf.Inkling2ForConditionalGeneration, tf.Inkling2Config, {}),
-    "inkling2_loop": (tf.Inkling2LoopForConditionalGeneration, tf.Inkling2LoopConfig, {}),
+    "inkling2": (_tf("Inkling2ForConditionalGeneration"), _tf("Inkling2Config"), {}),
+    "inkling2_loop": (_tf("Inkling2LoopForConditionalGeneration"), _tf("Inkling2LoopConfig"), {}),
 }
 _SHRUNK = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS, num_attention_heads=2, num_key_value_heads=1,

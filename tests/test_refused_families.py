@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import modes_fx
-from extra_models import extra_model
+from extra_models import extra_model, missing
 from modes_fx.sites import REFUSED_BLOCKS, UnsupportedModelError, unsupported_moe_blocks
 from modes_fx.harness.testing import TEXT_ID_HIGH, TEXT_ID_LOW, build
 
@@ -42,7 +42,7 @@ REFUSED = {
 COMPILED = sorted(n for n, (_, _, graph_phrase) in REFUSED.items() if graph_phrase)
 
 
-@pytest.fixture(scope="module", params=sorted(REFUSED))
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.skipif(bool(missing(n)), reason=str(missing(n)))) for n in sorted(REFUSED)])
 def refused(request):
     return request.param, extra_model(request.param)
 
