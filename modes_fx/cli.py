@@ -57,11 +57,15 @@ def _load_processor(folder: str):
     the folder's processor class is unknown to the installed transformers)."""
     import transformers
 
+    from modes_fx.calib.samples import check_processor
+
     try:
         processor = transformers.AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise UsageError(f"--model {folder}: cannot load its processor with AutoProcessor ({_first_line(e)})") from None
-    if getattr(processor, "tokenizer", None) is None:
+    try:
+        check_processor(processor, [])
+    except TypeError:
         try:
             with open(os.path.join(folder, "processor_config.json"), encoding="utf-8") as f:
                 named = f"its processor class {json.load(f).get('processor_class')!r}"
@@ -70,7 +74,7 @@ def _load_processor(folder: str):
         raise UsageError(
             f"--model {folder}: AutoProcessor loaded only a {type(processor).__name__}, not a multimodal processor: "
             f"{named} cannot be loaded with the installed transformers"
-        )
+        ) from None
     return processor
 
 

@@ -109,7 +109,7 @@ def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: 
     echo(f"model: {bench.description}")
     result = Result(bench.name, dense.overall, dense.by_modality, dense.by_type, config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
                     test_questions=sum(dense.total.values()))
-    echo(f"dense test accuracy {100 * dense.overall:.2f}% on {sum(dense.total.values())} questions "
+    echo(f"dense test accuracy {100 * dense.overall:.2f}% on {result.test_questions} questions "
          f"({len(calib)} calibration batches); tuning {len(cfg['methods'])} methods x {len(cfg['targets'])} skip ratios")
     tune_and_evaluate(bench, result, model, calib, test, cfg["methods"], cfg["targets"], cfg["grid_points"], echo, progress)
     if cfg["w4a16_targets"]:

@@ -289,23 +289,23 @@ def prompt_ids(question: Question) -> list[int]:
     return vision + [TOKEN_ID[w] for w in question.words]
 
 
-def encode(questions: Sequence[Question]) -> Batch:
-    """Batch the questions (see ``Batch``). Raises ValueError for an empty list."""
-    if not questions:
-        raise ValueError("no questions to encode")
-    rows = [prompt_ids(q) for q in questions]
+def left_padded(rows: Sequence[list[int]]) -> dict:
+    """Token id rows, left-padded with ``PAD_ID`` into the text inputs of a batch: input_ids,
+    attention_mask and mm_token_type_ids (1 at ``IMAGE_ID``) int64 [B, S], use_cache False."""
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for i, row in enumerate(rows):
         input_ids[i, length - len(row):] = torch.tensor(row)
         attention_mask[i, length - len(row):] = 1
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "mm_token_type_ids": (input_ids == IMAGE_ID).long(),
-        "use_cache": False,
-    }
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": (input_ids == IMAGE_ID).long(), "use_cache": False}
+
+
+def encode(questions: Sequence[Question]) -> Batch:
+    """Batch the questions (see ``Batch``). Raises ValueError for an empty list."""
+    if not questions:
+        raise ValueError("no questions to encode")
+    inputs = left_padded([prompt_ids(q) for q in questions])
     images = [q.image for q in questions if q.image is not None]
     if images:
         inputs["pixel_values"] = image_patches()[images].reshape(-1, PATCH_DIM)

@@ -305,14 +305,7 @@ def encode(questions: Sequence[Question]) -> Batch:
     ValueError for an empty list."""
     if not questions:
         raise ValueError("no questions to encode")
-    rows = [prompt_ids(q) for q in questions]
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(rows):
-        input_ids[i, length - len(row):] = torch.tensor(row)
-        attention_mask[i, length - len(row):] = 1
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": (input_ids == IMAGE_ID).long(), "use_cache": False}
+    inputs = digits_data.left_padded([prompt_ids(q) for q in questions])  # the same pad and image ids
     grids_ = [q.grid for q in questions if q.grid is not None]
     if grids_:
         inputs["pixel_values"] = torch.cat([grid_patches(g) for g in grids_])
