@@ -22,10 +22,19 @@ def test_evaluation_grids_use_only_their_splits_digit_images_and_share_none():
     assert not set(cal) & set(test)
     assert not {q for q in cal if q.grid is None} & {q for q in test if q.grid is None}
     assert len(test) >= 2000 and {q.type for q in test} == set(data.QUESTION_TYPES)
-    for max_side, full in ((2, 0.0), (4, 0.6)):
-        train = data.sample_questions(300, np.random.default_rng(0), max_side=max_side, full=full)
-        assert _digit_images(train) <= set(data.split_images("train"))
-        assert max(max(data.shape(q.grid)) for q in train if q.grid is not None) == max_side
+    train = data.sample_questions(300, np.random.default_rng(0))
+    assert _digit_images(train) <= set(data.split_images("train"))
+    assert {data.shape(q.grid) for q in train if q.grid is not None} == {(data.ROWS, data.COLS)}
+    assert {q.type for q in data.sample_questions(50, np.random.default_rng(0), types=["at"])} == {"at"}
+
+
+def test_operations_are_asked_only_where_the_answer_is_one_digit():
+    for q in data.questions("test"):
+        if q.type in ("plus", "text_plus"):
+            assert 0 <= int(q.answer) <= 9 and q.words[-1] == "="
+        if q.type in ("minus", "text_minus"):
+            assert 0 <= int(q.answer) <= 9
+    assert len(data.PLUS.pairs()) == 55 and len(data.MINUS.pairs()) == 55 and len(data.GREATER.pairs()) == 100
 
 
 def test_question_sets_are_deterministic():
@@ -64,12 +73,14 @@ def test_grid_image_places_each_digit_in_its_cell():
 def test_answers_follow_the_question_meaning():
     grid = data.grids("test")[1]
     cells = data.labels(grid)
-    flat = [d for row in cells for d in row]
-    assert data.make_question("at", grid, [2, 3]).answer == str(cells[1][2])
-    assert data.make_question("plus", grid, [1, 1, 4, 2]).answer == str((cells[0][0] + cells[3][1]) % 10)
-    assert data.make_question("greater", grid, [3, 3, 1, 2]).answer == ("yes" if cells[2][2] > cells[0][1] else "no")
-    assert data.make_question("count", grid, [flat[5]]).answer == str(flat.count(flat[5]))
-    assert data.make_question("text_times", None, [7, 8]).answer == "6"
+    at = data.make_question("at", grid, [2, 3])
+    assert at.answer == str(cells[1][2]) and at.words == ("at", "c2")
+    plus = data.make_question("plus", grid, [4, 1, 9 - cells[3][0]])
+    assert plus.answer == "9" and plus.words == ("at", "a4", "plus", str(9 - cells[3][0]), "=")
+    assert data.make_question("minus", grid, [1, 4, 0]).answer == str(cells[0][3])
+    assert data.make_question("greater", grid, [3, 3, 4]).answer == ("yes" if cells[2][2] > 4 else "no")
+    assert data.make_question("text_plus", None, [7, 2]).answer == "9"
+    assert data.make_question("text_minus", None, [2, 5]).words == ("2", "minus", "5", "=")
     with pytest.raises(ValueError, match="vision question"):
         data.make_question("at", None, [1, 1])
     with pytest.raises(ValueError, match="digit-image indices"):
@@ -80,7 +91,7 @@ def test_encode_decode_round_trip_left_padded():
     qs = [q for q in data.questions("test")[:30]] + [data.make_question("text_plus", None, [3, 4])]
     batch = data.encode(qs)
     ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
-    assert ((ids == data.PAD_ID) == (mask == 0)).all() and (ids[:, -1] == data.TOKEN_ID["="]).all()
+    assert ((ids == data.PAD_ID) == (mask == 0)).all() and [data.VOCAB[i] for i in ids[:, -1].tolist()] == [q.words[-1] for q in qs]
     assert torch.equal(batch.inputs["mm_token_type_ids"], (ids == data.IMAGE_ID).long())
     expected = [(f"<vision_start> <image>×{data.IMAGE_TOKENS} <vision_end> " if q.grid is not None else "") + " ".join(q.words) for q in qs]
     assert data.decode(ids) == expected

@@ -1,25 +1,32 @@
 """The grids training script's plumbing on a few tiny steps (format only, not accuracy): the
-curriculum, a checkpoint that from_pretrained loads, training.json, continuing with ``init``."""
+staged recipe's parsing, a checkpoint that from_pretrained loads, training.json, continuing
+with ``init``."""
 import json
 
+import pytest
 import torch
 
 from modes_fx.harness.grids import data, evaluate, train
 from modes_fx.harness.grids import model as grids_model
 
-STEPS = dict(steps=2, batch_size=6, warmup=1, threads=1, save_every=1)
+STEPS = dict(stages=(train.Stage(1, 1, ("at",)), train.Stage(2, 1)), batch_size=6, threads=1, save_every=1)
 
 
-def test_curriculum_grows_the_grids_to_full_size():
-    assert train.curriculum(0, 100) == (2, 0.0)
-    assert train.curriculum(20, 100) == (3, 0.2)
-    assert train.curriculum(99, 100) == (data.ROWS, 0.6)
+def test_stages_parse_from_the_command_line_form_and_bad_ones_are_named():
+    assert train.Stage.parse("at:400:30") == train.Stage(400, 30, ("at",))
+    assert train.Stage.parse("plus+minus:10:1") == train.Stage(10, 1, ("plus", "minus"))
+    assert train.Stage.parse("all:1500:50") == train.Stage(1500, 50)
+    assert [train.Stage.parse(str(s)) for s in train.RECIPE] == list(train.RECIPE)
+    for bad in ("at:400", "count:10:1", "all:0:1", "all:10:20", "all:x:1"):
+        with pytest.raises(ValueError, match="stage"):
+            train.Stage.parse(bad)
 
 
 def test_train_saves_a_loadable_checkpoint_and_init_continues_it(tmp_path):
     trained = train.train(train.TrainConfig(**STEPS), out=tmp_path / "a", progress=False)
     info = json.loads((tmp_path / "a" / "training.json").read_text())
-    assert info["step"] == 2 and info["cpu_seconds"] > 0 and info["model"]["layers"] == grids_model.NUM_LAYERS and info["init"] is None
+    assert info["step"] == {"stage": 2, "step": 2} and info["config"]["stages"][0] == {"steps": 1, "warmup": 1, "types": ["at"]}
+    assert info["cpu_seconds"] > 0 and info["model"]["layers"] == grids_model.NUM_LAYERS and info["init"] is None
     loaded = grids_model.load(tmp_path / "a")
     for (name, a), (_, b) in zip(trained.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name

@@ -27,7 +27,7 @@ from modes_fx.calib.baselines import METHODS, BaselineTuner
 from modes_fx.harness import ranking
 from modes_fx.harness.bench_models import BenchmarkModel, benchmark_model
 
-TARGETS = (0.5, 0.67, 0.83, 0.88)
+TARGETS = (0.5, 0.75, 0.83, 0.88)
 W4A16_METHOD = "modes (W4A16)"  # row name of MoDES calibrated and deployed on the W4A16 model
 QUICK = dict(targets=(0.88,), methods=("top_k", "uniform_threshold", "modes"), calib_limit=128, test_limit=256, grid_points=24,
              w4a16_targets=())

@@ -38,7 +38,17 @@ def _digits() -> BenchmarkModel:
     )
 
 
-BENCHMARK_MODELS: dict[str, Callable[[], BenchmarkModel]] = {"digits": _digits}
+def _grids() -> BenchmarkModel:
+    from modes_fx.harness.grids import data, evaluate, model
+
+    return BenchmarkModel(
+        "grids", "grids VLM: 8 MoE layers, 64 experts top-8, a 4×4 grid of digits (16 image tokens) per vision question",
+        model.load, data.split_batches, data.calibration_data, evaluate.accuracy, data.VOCAB,
+        lambda question: None if question.grid is None else data.ascii_grid(question.grid),
+    )
+
+
+BENCHMARK_MODELS: dict[str, Callable[[], BenchmarkModel]] = {"digits": _digits, "grids": _grids}
 
 
 def benchmark_model(name: str) -> BenchmarkModel:

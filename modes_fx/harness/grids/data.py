@@ -1,24 +1,26 @@
 """The grids task: 4×4 grids of scikit-learn's real 8×8 handwritten digits composed into one
-image, questions about positions, sums, comparisons and counts, plus text-only arithmetic;
-single-token answers, model inputs built by hand (the digits task's helpers reused).
+image, questions that look a cell up by its name and add to it, subtract from it or compare it,
+plus the same operations on written digits (text-only); single-token answers, model inputs
+built by hand (the digits task's helpers reused).
 
 A grid is rows of digit images (indices into ``digits.data.digits()``). Each digit is
 upscaled to 16×16 (``digits.data.to_pixels``) and the cells tiled into one RGB image cut into
 8×8 patches, merged 2×2 into one placeholder token per digit (the merge window is exactly one
-cell), patches in Qwen2-VL's processor order (``digits.data.patchify``). Evaluation grids are
-4×4 (a 64×64 image, a (1, 8, 8) patch grid, ``IMAGE_TOKENS`` = 16); training also uses smaller
-grids (1×1 up to 4×4) as a curriculum (``sample_questions``'s ``max_side``).
+cell), patches in Qwen2-VL's processor order (``digits.data.patchify``). Grids are 4×4 (a 64×64
+image, a (1, 8, 8) patch grid, ``IMAGE_TOKENS`` = 16).
 
 Splits are by digit image (the digits task's stratified split, ``digits.data.split_images``):
 a grid of a split uses only that split's digit images, so calibration and test grids share no
-digit image with each other or with training. Text-only questions are the closed set of 100
-operand pairs per type, all used in training; calibration and test take disjoint subsets of the
-pairs (as in the digits task).
+digit image with each other or with training. Text-only questions are the closed set of valid
+operand pairs per operation (``Operation.pairs``), all used in training; calibration and test
+take disjoint subsets of the pairs (as in the digits task).
 
 Row layout (left-padded to the batch's longest row, answer predicted at the last position):
-  vision question: <vision_start> <image>×16 <vision_end> question words… =
-  text question:   question words… =
-Positions in question words are 1-based digit tokens (row, column).
+  vision question: <vision_start> <image>×16 <vision_end> at CELL [op y =]
+  text question:   x op y =
+A cell is named by one token, its column letter and row number (``CELL_TOKENS``: a1 … d4): "at b3"
+asks for the digit in column b, row 3; "at b3 plus 5 =" for that digit plus 5 (asked only where
+the sum is at most 9), as the text question "4 plus 5 =" asks it of a written digit.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ from modes_fx.harness.digits.data import Batch, digits, patchify, split_images, 
 # Vocabulary (answer ids equal the digits task's: specials, then 0-9, yes, no)
 
 SPECIAL_TOKENS, DIGIT_TOKENS, YES_NO_TOKENS = digits_data.SPECIAL_TOKENS, digits_data.DIGIT_TOKENS, digits_data.YES_NO_TOKENS
-WORD_TOKENS = ("at", "count", "plus", "minus", "times", "greater", "=")
+CELL_TOKENS = tuple(f"{column}{row}" for row in range(1, 5) for column in "abcd")  # one token per cell: column letter, row number
+WORD_TOKENS = ("at", "plus", "minus", "greater", "=") + CELL_TOKENS
 VOCAB = SPECIAL_TOKENS + DIGIT_TOKENS + YES_NO_TOKENS + WORD_TOKENS
 TOKEN_ID = {token: i for i, token in enumerate(VOCAB)}
 PAD_ID, EOS_ID = TOKEN_ID["<pad>"], TOKEN_ID["<eos>"]
@@ -97,6 +100,17 @@ def labels(grid: Grid) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(int(digits()[1][i]) for i in row) for row in grid)
 
 
+def ascii_grid(grid: Grid) -> str:
+    """The grid's digits as text art (``digits.data.ascii_image`` per cell), cells side by side,
+    columns labelled a-d and rows 1-4 like ``CELL_TOKENS``."""
+    width = 2 * digits()[0].shape[2]
+    lines = ["  " + "".join(f"{column:^{width}}" for column in "abcd"[:shape(grid)[1]])]
+    for r, row in enumerate(grid, 1):
+        cells = [digits_data.ascii_image(i).split("\n") for i in row]
+        lines += [(str(r) if k == len(cells[0]) // 2 else " ") + " " + "".join(parts) for k, parts in enumerate(zip(*cells))]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Questions
 
@@ -109,19 +123,8 @@ def _cell(cells: tuple[tuple[int, ...], ...], r: int, c: int) -> int:
     return cells[r - 1][c - 1]
 
 
-def _count(cells: tuple[tuple[int, ...], ...], d: int) -> int:
-    return sum(row.count(d) for row in cells)
-
-
-def _position(rng: np.random.Generator, rows: int, cols: int) -> tuple[int, int]:
-    return int(rng.integers(1, rows + 1)), int(rng.integers(1, cols + 1))
-
-
-def _two_positions(rng: np.random.Generator, rows: int, cols: int) -> tuple[int, ...]:
-    first = _position(rng, rows, cols)
-    while (second := _position(rng, rows, cols)) == first:
-        pass
-    return first + second
+def _position(rng: np.random.Generator, cells: tuple[tuple[int, ...], ...]) -> tuple[int, int]:
+    return int(rng.integers(1, len(cells) + 1)), int(rng.integers(1, len(cells[0]) + 1))
 
 
 @dataclass(frozen=True)
@@ -129,48 +132,76 @@ class QuestionType:
     """A named question template.
 
     modality: "vision" (about the row's grid) or "text" (no image);
-    args: (rng, rows, columns) → arguments (1-based (row, column) positions, digits 0..9);
-    cells: how many cells a grid needs for the type (two distinct positions: 2);
-    words: arguments → question words (before the final "=");
+    args: (rng, cell digits (rows of columns) or None) → arguments (1-based (row, column)
+        positions, digits 0..9);
+    words: arguments → question words (the last one is where the answer is predicted);
     answer: (cell digits row-major or None, arguments) → answer token."""
 
     name: str
     modality: str
-    args: Callable[[np.random.Generator, int, int], tuple[int, ...]]
-    cells: int
+    args: Callable[[np.random.Generator, tuple[tuple[int, ...], ...] | None], tuple[int, ...]]
     words: Callable[[tuple[int, ...]], tuple[str, ...]]
     answer: Callable[[tuple[tuple[int, ...], ...] | None, tuple[int, ...]], str]
 
 
-def _digit_pair(rng: np.random.Generator, rows: int = 0, cols: int = 0) -> tuple[int, ...]:
-    return tuple(int(x) for x in rng.integers(0, 10, 2))
+@dataclass(frozen=True)
+class Operation:
+    """An operation of a digit x (looked up in a cell, or a text operand) and a digit y:
+    ``answer(x, y)`` its answer token, asked only where ``valid(x, y)`` (sums stay ≤ 9 and
+    differences ≥ 0, so every answer is one digit token and no wrap-around is needed)."""
+
+    word: str
+    answer: Callable[[int, int], str]
+    valid: Callable[[int, int], bool]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every valid (x, y), x and y in 0..9."""
+        return [(x, y) for x in range(10) for y in range(10) if self.valid(x, y)]
 
 
-def _s(args: tuple[int, ...]) -> tuple[str, ...]:
-    return tuple(str(a) for a in args)
+PLUS = Operation("plus", lambda x, y: str(x + y), lambda x, y: x + y <= 9)
+MINUS = Operation("minus", lambda x, y: str(x - y), lambda x, y: y <= x)
+GREATER = Operation("greater", lambda x, y: _yes(x > y), lambda x, y: True)
 
 
+def _cell_token(r: int, c: int) -> str:
+    """The token naming row r, column c (1-based): column letter, row number ("b3")."""
+    return CELL_TOKENS[(r - 1) * 4 + c - 1]
+
+
+def _at(op: Operation) -> QuestionType:
+    """"at CELL OP y =": ``op`` of the digit in the cell and y (y uniform over the valid ones)."""
+
+    def args(rng: np.random.Generator, cells: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+        r, c = _position(rng, cells)
+        ys = [y for y in range(10) if op.valid(_cell(cells, r, c), y)]
+        return r, c, ys[int(rng.integers(0, len(ys)))]
+
+    return QuestionType(op.word, "vision", args, lambda a: ("at", _cell_token(a[0], a[1]), op.word, str(a[2]), "="),
+                        lambda g, a: op.answer(_cell(g, a[0], a[1]), a[2]))
+
+
+def _text(op: Operation) -> QuestionType:
+    """"x OP y =" on two text digits (a valid pair, uniform)."""
+    pairs = op.pairs()
+    return QuestionType(f"text_{op.word}", "text", lambda rng, cells=None: pairs[int(rng.integers(0, len(pairs)))],
+                        lambda a: (str(a[0]), op.word, str(a[1]), "="), lambda g, a: op.answer(a[0], a[1]))
+
+
+OPERATIONS = (PLUS, MINUS, GREATER)
 QUESTION_TYPES: dict[str, QuestionType] = {
     q.name: q
     for q in (
-        QuestionType("at", "vision", _position, 1, lambda a: ("at", *_s(a)), lambda g, a: str(_cell(g, *a))),
-        QuestionType("count", "vision", lambda rng, rows, cols: (int(rng.integers(0, 10)),), 1, lambda a: ("count", *_s(a)),
-                     lambda g, a: str(_count(g, a[0]))),
-        QuestionType("plus", "vision", _two_positions, 2, lambda a: ("plus", *_s(a)),
-                     lambda g, a: str((_cell(g, *a[:2]) + _cell(g, *a[2:])) % 10)),
-        QuestionType("greater", "vision", _two_positions, 2, lambda a: ("greater", *_s(a)),
-                     lambda g, a: _yes(_cell(g, *a[:2]) > _cell(g, *a[2:]))),
-        QuestionType("text_plus", "text", _digit_pair, 0, lambda a: (str(a[0]), "plus", str(a[1])), lambda g, a: str((a[0] + a[1]) % 10)),
-        QuestionType("text_minus", "text", _digit_pair, 0, lambda a: (str(a[0]), "minus", str(a[1])), lambda g, a: str((a[0] - a[1]) % 10)),
-        QuestionType("text_times", "text", _digit_pair, 0, lambda a: (str(a[0]), "times", str(a[1])), lambda g, a: str(a[0] * a[1] % 10)),
-        QuestionType("text_greater", "text", _digit_pair, 0, lambda a: (str(a[0]), "greater", str(a[1])), lambda g, a: _yes(a[0] > a[1])),
+        QuestionType("at", "vision", _position, lambda a: ("at", _cell_token(*a)), lambda g, a: str(_cell(g, *a))),
+        *map(_at, OPERATIONS),
+        *map(_text, OPERATIONS),
     )
 }
 VISION_TYPES = tuple(n for n, q in QUESTION_TYPES.items() if q.modality == "vision")
 TEXT_TYPES = tuple(n for n, q in QUESTION_TYPES.items() if q.modality == "text")
-# training mix: relative weight of each type (positions first: plus and greater build on them; text is cheap)
-TRAIN_WEIGHTS = {"at": 5.0, "count": 2.0, "plus": 3.0, "greater": 2.0, "text_plus": 0.5, "text_minus": 0.5, "text_times": 0.5, "text_greater": 0.5}
-TEXT_CALIBRATION_PAIRS = digits_data.TEXT_CALIBRATION_PAIRS  # 30 of 100 per text type; test gets the other 70
+# training mix: relative weight of each type (text is cheap and teaches the operations the lookups reuse)
+TRAIN_WEIGHTS = {"at": 1.0, "plus": 2.0, "minus": 2.0, "greater": 1.0, "text_plus": 1.0, "text_minus": 1.0, "text_greater": 1.0}
+TEXT_CALIBRATION_SHARE = 0.3  # of a text type's operand pairs; the test split gets the others
 EVAL_GRIDS = {"calibration": 250, "test": 500}  # grids per evaluation split, each asked every vision type once
 SPLITS = digits_data.SPLITS
 SPLIT_SEED = 20260314
@@ -195,8 +226,8 @@ class Question:
 
     @property
     def words(self) -> tuple[str, ...]:
-        """Question words, ending with "=" (the image placeholders not included)."""
-        return QUESTION_TYPES[self.type].words(self.args) + ("=",)
+        """Question words (the image placeholders not included)."""
+        return QUESTION_TYPES[self.type].words(self.args)
 
     @property
     def answer(self) -> str:
@@ -229,12 +260,13 @@ def random_grid(rng: np.random.Generator, images: Sequence[int], rows: int = ROW
     return tuple(tuple(flat[r * cols:(r + 1) * cols]) for r in range(rows))
 
 
-def _text_pairs(split: str) -> list[tuple[int, int]]:
-    """Operand pairs of the text questions of an evaluation split (the same for every text type)."""
-    pairs = [(a, b) for a in range(10) for b in range(10)]
+def _text_pairs(split: str, op: Operation) -> list[tuple[int, int]]:
+    """Operand pairs of an evaluation split's questions of ``op``: its valid pairs in a seeded
+    order, the first ``TEXT_CALIBRATION_SHARE`` for calibration, the rest for test."""
+    pairs = op.pairs()
     order = np.random.default_rng(SPLIT_SEED + 1).permutation(len(pairs))
-    chosen = order[:TEXT_CALIBRATION_PAIRS] if split == "calibration" else order[TEXT_CALIBRATION_PAIRS:]
-    return [pairs[i] for i in chosen]
+    cut = round(TEXT_CALIBRATION_SHARE * len(pairs))
+    return [pairs[i] for i in (order[:cut] if split == "calibration" else order[cut:])]
 
 
 @functools.cache
@@ -256,20 +288,15 @@ def questions(split: str) -> tuple[Question, ...]:
     if split not in EVAL_GRIDS:
         raise ValueError(f"the {split!r} split has no fixed question set (evaluation splits: {', '.join(EVAL_GRIDS)}); use sample_questions")
     rng = np.random.default_rng(SPLIT_SEED + 10 + SPLITS.index(split))
-    out = [make_question(t, grid, QUESTION_TYPES[t].args(rng, ROWS, COLS)) for grid in grids(split) for t in VISION_TYPES]
-    out += [make_question(t, None, pair) for t in TEXT_TYPES for pair in _text_pairs(split)]
+    out = [make_question(t, grid, QUESTION_TYPES[t].args(rng, labels(grid))) for grid in grids(split) for t in VISION_TYPES]
+    out += [make_question(f"text_{op.word}", None, pair) for op in OPERATIONS for pair in _text_pairs(split, op)]
     return tuple(out[i] for i in rng.permutation(len(out)))
 
 
-def sample_questions(
-    n: int, generator: np.random.Generator, images: Sequence[int] | None = None, max_side: int = ROWS, full: float = 1.0,
-    types: Sequence[str] | None = None,
-) -> list[Question]:
+def sample_questions(n: int, generator: np.random.Generator, images: Sequence[int] | None = None, types: Sequence[str] | None = None) -> list[Question]:
     """``n`` random training questions: type drawn by ``TRAIN_WEIGHTS``, each vision question on
-    a fresh grid of ``images`` (default: the train split's digit images), arguments uniform.
-    A grid is ROWS × COLS with probability ``full``, else rows and columns uniform in
-    1..``max_side`` (redrawn until the type has the cells it needs): the training curriculum.
-    ``types``: only these question types (default: all)."""
+    a fresh ROWS × COLS grid of ``images`` (default: the train split's digit images), arguments
+    drawn by the type. ``types``: only these question types (default: all)."""
     images = split_images("train") if images is None else images
     names = list(QUESTION_TYPES) if not types else list(types)
     p = np.array([TRAIN_WEIGHTS[t] for t in names])
@@ -279,11 +306,8 @@ def sample_questions(
         if qt.modality == "text":
             out.append(make_question(qt.name, None, qt.args(generator)))
             continue
-        rows, cols = ROWS, COLS
-        if generator.random() >= full:
-            while (rows := int(generator.integers(1, max_side + 1))) * (cols := int(generator.integers(1, max_side + 1))) < qt.cells:
-                pass
-        out.append(make_question(qt.name, random_grid(generator, images, rows, cols), qt.args(generator, rows, cols)))
+        grid = random_grid(generator, images)
+        out.append(make_question(qt.name, grid, qt.args(generator, labels(grid))))
     return out
 
 

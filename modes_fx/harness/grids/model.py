@@ -14,9 +14,9 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "assets" / "grids_vlm"
 
 HIDDEN = 128
 NUM_LAYERS = 8
-NUM_EXPERTS = 16
-TOP_K = 4
-MOE_INTERMEDIATE = 64
+NUM_EXPERTS = 64
+TOP_K = 8
+MOE_INTERMEDIATE = 16
 HEAD_DIM = 32
 # M-RoPE base: small, so that neighbouring grid rows / columns (offsets 1-3) rotate by sizeable angles
 # (at 10000 the best height/width frequency turns 0.56 rad per cell, most turn almost nothing)
