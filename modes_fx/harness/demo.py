@@ -25,7 +25,7 @@ from modes_fx.harness.accuracy_bench import FULL, evaluate_deployed, tracked_acc
 from modes_fx.harness.bench_models import BenchmarkModel, benchmark_model
 
 TARGET_SKIP = 0.88
-DEMO_MODEL = "digits"  # the benchmark model the demo runs by default
+DEMO_MODEL = "grids"  # the benchmark model the demo runs by default
 
 
 @dataclass
