@@ -1,7 +1,9 @@
 """The speed benchmark's decode on a static KV cache (``speed_bench.Runner``): same greedy tokens
 as transformers' DynamicCache decode (M-RoPE positions included), ``backend="modes"`` at τ = 0
 writes the same K/V as compiled dense, every MoE site is rewritten, one decode graph serves every
-step and threshold, and ``track()`` counts what the DynamicCache decode counts."""
+step and threshold, and ``track()`` counts what the DynamicCache decode counts; the batched
+decode's rows are different sequences, modes at τ = 0 decodes them as dense does, and one graph
+serves every batch size above 1."""
 from __future__ import annotations
 
 import pytest
@@ -89,3 +91,23 @@ def test_static_cache_decode_tracks_as_dynamic_cache(runner):
     with modes_fx.track() as prefill:
         runner.prefill()
     assert (static.kept, static.skipped) == (dynamic.kept - prefill.kept, dynamic.skipped - prefill.skipped)
+
+
+@torch.no_grad()
+def test_batched_decode_rows_differ_and_modes_equals_dense(runner):
+    batch, cfg = 4, runner.cfg
+    decoded = {}
+    for impl in ("modes", "dense"):
+        runner.use(impl)
+        past, token = runner.prefill()
+        decoded[impl] = runner.decode(*runner.batched(past, token, batch))
+        # one decode graph serves every batch size above 1
+        assert _graphs_compiled(lambda: runner.decode(*runner.batched(past, token, batch + 3))) == 0, impl
+    runner.check_every_site_rewritten()
+    assert decoded["dense"].shape == (batch, cfg.decode_tokens)
+    assert torch.equal(decoded["modes"], decoded["dense"])
+    assert len({tuple(row) for row in decoded["dense"].tolist()}) == batch  # different sequences
+    runner.use("modes", THRESHOLD)
+    with modes_fx.track() as stats:
+        runner.decode(*runner.batched(past, token, batch))
+    assert stats.kept + stats.skipped == batch * cfg.decode_tokens * cfg.num_layers * cfg.top_k
