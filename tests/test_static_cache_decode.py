@@ -3,8 +3,10 @@ as transformers' DynamicCache decode (M-RoPE positions included), ``backend="mod
 writes the same K/V as compiled dense, every MoE site is rewritten, one decode graph serves every
 step and threshold, and ``track()`` counts what the DynamicCache decode counts; the batched
 decode's rows are different sequences, modes at τ = 0 decodes them as dense does, and one graph
-serves every batch size above 1."""
+serves every batch size above 1; the benchmark's decode attention equals transformers' sdpa."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -111,3 +113,20 @@ def test_batched_decode_rows_differ_and_modes_equals_dense(runner):
     with modes_fx.track() as stats:
         runner.decode(*runner.batched(past, token, batch))
     assert stats.kept + stats.skipped == batch * cfg.decode_tokens * cfg.num_layers * cfg.top_k
+
+
+@pytest.mark.parametrize("batch,length,kv_length", [(1, 1, 30), (3, 1, 17), (2, 5, 17)])
+def test_decode_attention_equals_transformers_sdpa(batch, length, kv_length):
+    """The benchmark's attention is transformers' sdpa attention; one-token queries attend to the
+    cached K/V heads without repeat_kv (longer queries take transformers' own path)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
+    gen = torch.Generator().manual_seed(batch * 100 + length)
+    q, k, v = (torch.randn(batch, heads, n, 16, generator=gen) for heads, n in ((8, length), (2, kv_length), (2, kv_length)))
+    mask = torch.rand(batch, 1, length, kv_length, generator=gen) < 0.7
+    mask[..., 0] = True  # every query attends to something
+    got, _ = bench.sdpa_decode_gqa(module, q, k, v, mask, scaling=0.25)
+    expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    assert got.shape == expected.shape == (batch, length, 8, 16)
+    torch.testing.assert_close(got, expected)

@@ -88,13 +88,43 @@ FULL = BenchConfig(1024, 8, 64, 8, 384, 16, 4, 64, 1024, 64, 64, 3, "inductor")
 QUICK = BenchConfig(64, 2, 8, 2, 32, 4, 2, 16, 48, 8, 4, 1, "eager", 16, (1, 4))
 
 
+DECODE_ATTENTION = "sdpa_decode_gqa"  # the benchmark model's attention (registered below)
+
+
+def sdpa_decode_gqa(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers' ``sdpa`` attention, except that a one-token query with a mask attends to the
+    K/V heads as they are cached: query ``[B, Hq, 1, d]`` viewed as ``[B, Hkv, Hq / Hkv, d]``
+    against K/V ``[B, Hkv, L, d]`` (the mask ``[B, 1, 1, L]`` is shared by all heads). Uncompiled,
+    transformers does the same (its ``pack_gqa``); under torch.compile it copies the whole cache
+    into ``Hq`` heads (``repeat_kv``) at every step instead. Returns (``[B, 1, Hq, d]``, None)."""
+    from torch.nn import functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, length, dim = query.shape
+    if length != 1 or attention_mask is None or key.shape[1] == heads or kwargs.get("dropout", 0.0):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    packed = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2), None
+
+
+def _register_decode_attention() -> None:
+    """Make :data:`DECODE_ATTENTION` a transformers attention implementation (sdpa's masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DECODE_ATTENTION, sdpa_decode_gqa)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+
+
 def build_model(cfg: BenchConfig) -> torch.nn.Module:
-    """The benchmark model (fp32, eval, seeded random weights, grouped_mm experts)."""
+    """The benchmark model (fp32, eval, seeded random weights, grouped_mm experts), its language
+    model attending with :func:`sdpa_decode_gqa`."""
     from modes_fx.harness import testing
 
     half = cfg.head_dim // 2
     hw = half * 5 // 16  # mrope sections (t, h, w) summing to head_dim / 2, as Qwen3-VL's 24/20/20
-    return testing.build(
+    model = testing.build(
         "qwen3_vl_moe",
         experts_implementation="grouped_mm",
         hidden_size=cfg.hidden_size,
@@ -114,6 +144,9 @@ def build_model(cfg: BenchConfig) -> torch.nn.Module:
             "mrope_interleaved": True,
         },
     )
+    _register_decode_attention()
+    model.set_attn_implementation({"text_config": DECODE_ATTENTION})
+    return model
 
 
 def prompt_ids(cfg: BenchConfig) -> torch.Tensor:
