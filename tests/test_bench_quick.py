@@ -53,6 +53,8 @@ def test_quick_speed_benchmark_outputs(tmp_path, capsys):
         by_batch = r["decode_by_batch"]
         assert list(by_batch) == (batches[:1] if r["impl"] == "eager" else batches), r["name"]
         assert by_batch["1"]["ms_per_token"] * bench.QUICK.decode_tokens == pytest.approx(r["decode_ms"])
+        for b, ms in r["batched_decode_ms"].items():
+            assert by_batch[b]["ms_per_token"] * bench.QUICK.steps(int(b)) == pytest.approx(ms)
         for d in by_batch.values():
             assert d["ms_per_token"] > 0 and math.isfinite(d["ms_per_token"]) and d["speedup_vs_dense"] > 0
     for b in batches[1:]:

@@ -106,13 +106,13 @@ def test_batched_decode_rows_differ_and_modes_equals_dense(runner):
         # one decode graph serves every batch size above 1
         assert _graphs_compiled(lambda: runner.decode(*runner.batched(past, token, batch + 3))) == 0, impl
     runner.check_every_site_rewritten()
-    assert decoded["dense"].shape == (batch, cfg.decode_tokens)
+    assert decoded["dense"].shape == (batch, cfg.steps(batch))
     assert torch.equal(decoded["modes"], decoded["dense"])
     assert len({tuple(row) for row in decoded["dense"].tolist()}) == batch  # different sequences
     runner.use("modes", THRESHOLD)
     with modes_fx.track() as stats:
         runner.decode(*runner.batched(past, token, batch))
-    assert stats.kept + stats.skipped == batch * cfg.decode_tokens * cfg.num_layers * cfg.top_k
+    assert stats.kept + stats.skipped == batch * cfg.steps(batch) * cfg.num_layers * cfg.top_k
 
 
 @pytest.mark.parametrize("batch,length,kv_length", [(1, 1, 30), (3, 1, 17), (2, 5, 17)])

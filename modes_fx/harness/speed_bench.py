@@ -8,8 +8,9 @@ then a greedy decode of ``decode_tokens`` tokens at batch 1 (argmax over the ord
 on a static KV cache (``transformers.StaticCache`` preallocated to prompt + decode positions,
 written in place: every decode step has the same shapes, so each compiled variant runs one decode
 graph, and no step re-copies the cache as the default DynamicCache's ``torch.cat`` does).
-Decode is also timed at every batch size of ``cfg.batches`` above 1 (default 4 and 16; compiled
-variants only): the batch-1 prefill's K/V copied into every row of a static cache, each row
+Decode is also timed at every batch size of ``cfg.batches`` above 1 (default 4; ``--batches
+1,4,16`` adds 16; compiled variants only; ``batch_decode_tokens`` steps, as every step of a static
+cache costs the same): the batch-1 prefill's K/V copied into every row of a static cache, each row
 starting from a different text id (:meth:`Runner.batched`); each batch size's ratio to dense and
 Amdahl bound (from the experts share of that batch's ``tau=0`` decode) are reported.
 Variants, timed with interleaved repetitions:
@@ -81,11 +82,16 @@ class BenchConfig:
     reps: int
     compiler: str  # inner compiler of both compiled variants: "inductor" or "eager"
     bandwidth_mib: int = 256  # size of the weight the bandwidth probe streams
-    batches: tuple[int, ...] = (1, 4, 16)  # decode batch sizes (1 first: the main table's decode)
+    batches: tuple[int, ...] = (1, 4)  # decode batch sizes (1 first: the main table's decode)
+    batch_decode_tokens: int = 16  # steps of a decode at batch > 1 (each step costs the same)
+
+    def steps(self, batch: int) -> int:
+        """Decode steps at ``batch`` rows: ``decode_tokens`` at batch 1, else ``batch_decode_tokens``."""
+        return self.decode_tokens if batch == 1 else self.batch_decode_tokens
 
 
 FULL = BenchConfig(1024, 8, 64, 8, 384, 16, 4, 64, 1024, 64, 64, 3, "inductor")
-QUICK = BenchConfig(64, 2, 8, 2, 32, 4, 2, 16, 48, 8, 4, 1, "eager", 16, (1, 4))
+QUICK = BenchConfig(64, 2, 8, 2, 32, 4, 2, 16, 48, 8, 4, 1, "eager", 16, (1, 4), 3)
 
 
 DECODE_ATTENTION = "sdpa_decode_gqa"  # the benchmark model's attention (registered below)
@@ -273,14 +279,14 @@ class Runner:
         return torch.multinomial(logits.float().softmax(-1), 1, generator=generator) + self.text_ids.start
 
     def static_cache(self, batch: int):
-        """An empty ``transformers.StaticCache`` for ``batch`` rows of ``prompt + decode_tokens``
-        positions, allocated before any forward (the model's dtype and device): decode writes
+        """An empty ``transformers.StaticCache`` for ``batch`` rows of the prompt and the longest
+        decode (the same length at every batch size: attention reads all of it), allocated before any forward (the model's dtype and device): decode writes
         each step's K/V into it in place, so every step has the same shapes and compiles once."""
         from transformers import StaticCache
 
         text = self.model.config.get_text_config(decoder=True)
         weight = self.model.get_input_embeddings().weight
-        cache = StaticCache(config=self.model.config, max_cache_len=self.ids.shape[1] + self.cfg.decode_tokens)
+        cache = StaticCache(config=self.model.config, max_cache_len=self.ids.shape[1] + max(map(self.cfg.steps, self.cfg.batches)))
         cache.early_initialization(batch, text.num_key_value_heads, text.head_dim, weight.dtype, weight.device)
         return cache
 
@@ -305,16 +311,16 @@ class Runner:
         return cache, (token - start + rows) % count + start
 
     def decode(self, past, token) -> torch.Tensor:
-        """Decode of ``decode_tokens`` steps from the end of the prompt in the static cache
-        ``past`` (what earlier decodes wrote past the prompt is overwritten: one prefill serves
-        several decodes); ``token`` int64 [B, 1]; returns int64 [B, decode_tokens]. Batch 1 is
-        greedy; B > 1 rows sample (seeded, so every decode of the same inputs reads the same
+        """Decode of ``cfg.steps(B)`` steps from the end of the prompt in the static cache ``past``
+        (what earlier decodes wrote past the prompt is overwritten: one prefill serves several
+        decodes); ``token`` int64 [B, 1]; returns int64 [B, steps]. Batch 1 is greedy; B > 1
+        rows sample (seeded, so every decode of the same inputs reads the same
         tokens): greedy rows of this random model fall into the same repeated token, and rows
         that route alike would not be a batch of different requests."""
         past.crop(-(int(past.get_seq_length()) - self.ids.shape[1]))
         generator = torch.Generator(token.device).manual_seed(0) if token.shape[0] > 1 else None
         tokens = []
-        for _ in range(self.cfg.decode_tokens):
+        for _ in range(self.cfg.steps(token.shape[0])):
             tokens.append(token)
             token = self._next(self.model(input_ids=token, past_key_values=past, use_cache=True), generator)
         return torch.cat(tokens, 1)
@@ -486,7 +492,7 @@ def run_fp32(cfg: BenchConfig, echo, bandwidth: float, targets=SKIP_TARGETS, eag
     with torch.no_grad():
         variants, share = measure(runner, variants, targets, "modes", echo, each_round=each_round)
     runner.close()
-    rows = _rows(variants, "dense", share, _decode_roofline(model, cfg, bandwidth), cfg.decode_tokens)
+    rows = _rows(variants, "dense", share, _decode_roofline(model, cfg, bandwidth), cfg)
     return {"experts_share": share, "variants": rows}
 
 
@@ -518,7 +524,7 @@ def run_w4a16(cfg: BenchConfig, echo, bandwidth: float, each_round=None) -> dict
     return {
         "group_size": report.group_size,
         "experts_share": share,
-        "variants": _rows(variants, "w4a16 dense", share, _decode_roofline(model, cfg, bandwidth), cfg.decode_tokens),
+        "variants": _rows(variants, "w4a16 dense", share, _decode_roofline(model, cfg, bandwidth), cfg),
         "weight_mib": mib,
         "expert_weight_mib": {"bf16": report.expert_bytes_before / 2**20, "w4a16": report.expert_bytes_after / 2**20},
         "expert_memory_ratio": report.expert_memory_ratio,
@@ -612,10 +618,10 @@ def _decode_roofline(model: torch.nn.Module, cfg: BenchConfig, bandwidth: float)
     return lambda row: _roofline(row, step_bytes, cfg.num_layers * cfg.top_k, cfg.decode_tokens, bandwidth)
 
 
-def _rows(variants: list[Variant], baseline: str, share: dict, roofline, steps: int) -> list[dict]:
+def _rows(variants: list[Variant], baseline: str, share: dict, roofline, cfg: BenchConfig) -> list[dict]:
     """The table rows: each variant with its speedups over the ``baseline`` row, its Amdahl
     bound, (``roofline(row)``) its decode bandwidth bound and ``decode_by_batch`` (batch ->
-    ms per token of ``steps`` steps, speedup over the baseline at that batch, skip ratio,
+    ms per token (``cfg.steps(batch)`` steps), speedup over the baseline at that batch, skip ratio,
     Amdahl bound; batch 1 is the row's decode)."""
     base = next(v for v in variants if v.name == baseline)
     rows = []
@@ -626,13 +632,13 @@ def _rows(variants: list[Variant], baseline: str, share: dict, roofline, steps: 
             skip = getattr(v, f"{phase}_skip")
             row[f"{phase}_amdahl_bound"] = _amdahl(share[phase], skip) if skip == skip else None
         roofline(row)
-        row["decode_by_batch"] = _by_batch(v, base, share, steps)
+        row["decode_by_batch"] = _by_batch(v, base, share, cfg)
         rows.append(row)
     return rows
 
 
-def _by_batch(v: Variant, base: Variant, share: dict, steps: int) -> dict[int, dict]:
-    """Batch -> decode ms per token (of ``steps``), speedup over ``base`` at that batch, skip
+def _by_batch(v: Variant, base: Variant, share: dict, cfg: BenchConfig) -> dict[int, dict]:
+    """Batch -> decode ms per token (``cfg.steps(batch)`` steps), speedup over ``base`` at that batch, skip
     ratio and Amdahl bound (from that batch's experts share) of variant ``v``."""
     ms = {1: v.decode_ms, **v.batched_decode_ms}
     skips = {1: v.decode_skip, **v.batched_decode_skip}
@@ -640,7 +646,7 @@ def _by_batch(v: Variant, base: Variant, share: dict, steps: int) -> dict[int, d
     shares = {1: share["decode"], **share["decode_batched"]}
     return {
         b: {
-            "ms_per_token": ms[b] / steps,
+            "ms_per_token": ms[b] / cfg.steps(b),
             "speedup_vs_dense": base_ms[b] / ms[b],
             "skip": skips[b],
             "amdahl_bound": _amdahl(shares[b], skips[b]) if skips[b] == skips[b] else None,
@@ -746,7 +752,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default: 3, quick 1)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 8, quick 2)")
     p.add_argument("--batches", type=_batch_sizes, default=None,
-                   help="decode batch sizes, comma-separated, starting with 1 (default: 1,4,16; quick 1,4)")
+                   help="decode batch sizes, comma-separated, starting with 1 (default 1,4; 1,4,16 adds about a minute)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 rows (default), W4A16 rows (int4 experts, bf16 activations) or both (about +5 minutes)")
 
