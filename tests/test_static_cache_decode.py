@@ -115,16 +115,17 @@ def test_batched_decode_rows_differ_and_modes_equals_dense(runner):
     assert stats.kept + stats.skipped == batch * cfg.steps(batch) * cfg.num_layers * cfg.top_k
 
 
-@pytest.mark.parametrize("batch,length,kv_length", [(1, 1, 30), (3, 1, 17), (2, 5, 17)])
-def test_decode_attention_equals_transformers_sdpa(batch, length, kv_length):
+@pytest.mark.parametrize("batch,length,kv_length,mask_heads", [(1, 1, 30, 1), (3, 1, 17, 1), (2, 5, 17, 1), (2, 1, 17, 8)])
+def test_decode_attention_equals_transformers_sdpa(batch, length, kv_length, mask_heads):
     """The benchmark's attention is transformers' sdpa attention; one-token queries attend to the
-    cached K/V heads without repeat_kv (longer queries take transformers' own path)."""
+    cached K/V heads without repeat_kv (longer queries and per-head masks take transformers' own
+    path)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
     gen = torch.Generator().manual_seed(batch * 100 + length)
     q, k, v = (torch.randn(batch, heads, n, 16, generator=gen) for heads, n in ((8, length), (2, kv_length), (2, kv_length)))
-    mask = torch.rand(batch, 1, length, kv_length, generator=gen) < 0.7
+    mask = torch.rand(batch, mask_heads, length, kv_length, generator=gen) < 0.7
     mask[..., 0] = True  # every query attends to something
     got, _ = bench.sdpa_decode_gqa(module, q, k, v, mask, scaling=0.25)
     expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)

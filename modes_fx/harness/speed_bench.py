@@ -107,7 +107,8 @@ def sdpa_decode_gqa(module, query, key, value, attention_mask, scaling=None, **k
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, length, dim = query.shape
-    if length != 1 or attention_mask is None or key.shape[1] == heads or kwargs.get("dropout", 0.0):
+    shared_mask = attention_mask is not None and attention_mask.shape[1] == 1
+    if length != 1 or not shared_mask or key.shape[1] == heads or kwargs.get("dropout", 0.0):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     packed = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
     out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
