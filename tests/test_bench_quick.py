@@ -46,6 +46,25 @@ def test_quick_speed_benchmark_outputs(tmp_path, capsys):
     assert rows["dense"]["decode_mb_per_token"] == rows["modes tau=0"]["decode_mb_per_token"]
     for r in rows.values():
         assert r["decode_of_bound"] == pytest.approx(r["decode_bound_ms"] / r["decode_ms"]) and r["decode_of_bound"] > 0
+    # decode per batch size: batch 1 is the row's decode; eager (uncompiled) runs batch 1 only
+    assert result["config"]["batches"] == list(bench.QUICK.batches) and bench.QUICK.batches[1:]
+    batches = [str(b) for b in bench.QUICK.batches]
+    for r in rows.values():
+        by_batch = r["decode_by_batch"]
+        assert list(by_batch) == (batches[:1] if r["impl"] == "eager" else batches), r["name"]
+        assert by_batch["1"]["ms_per_token"] * bench.QUICK.decode_tokens == pytest.approx(r["decode_ms"])
+        for b, ms in r["batched_decode_ms"].items():
+            assert by_batch[b]["ms_per_token"] * bench.QUICK.steps(int(b)) == pytest.approx(ms)
+        for d in by_batch.values():
+            assert d["ms_per_token"] > 0 and math.isfinite(d["ms_per_token"]) and d["speedup_vs_dense"] > 0
+    for b in batches[1:]:
+        assert rows["dense"]["decode_by_batch"][b]["speedup_vs_dense"] == 1.0
+        assert rows["modes tau=0"]["decode_by_batch"][b]["skip"] == 0.0
+        assert rows["modes tau=0"]["decode_by_batch"][b]["amdahl_bound"] == 1.0
+        skip88 = rows["modes skip=88%"]["decode_by_batch"][b]
+        assert abs(skip88["skip"] - 0.88) <= 0.1 and skip88["amdahl_bound"] > 1.0  # the batch-1 threshold
+        assert 0 < result["experts_share"]["decode_batched"][b] <= 1
+        assert f"b={b} ms/tok" in stdout
     assert "w4a16" not in result and "W4A16" not in stdout
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_WAIT_POLICY"] = wanted
         os.execv(sys.executable, [sys.executable, "-m", "modes_fx.harness.llama_cpp_bench", *(sys.argv[1:] if argv is None else argv)])
     overrides = {k: v for k, v in (("reps", args.reps), ("num_layers", args.layers)) if v is not None}
-    cfg = sb.BenchConfig(**{**asdict(sb.QUICK if args.quick else sb.FULL), **overrides})
+    # batch 1 only: the side by side is llama.cpp's batch-1 decode
+    cfg = sb.BenchConfig(**{**asdict(sb.QUICK if args.quick else sb.FULL), **overrides, "batches": (1,)})
     run(cfg, args.out, args.threads, keep_gguf=args.keep_gguf)
     return 0
 

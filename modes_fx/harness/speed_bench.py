@@ -4,8 +4,16 @@ One process, one randomly initialised Qwen3-VL-MoE (``Qwen3VLMoeForConditionalGe
 by :func:`modes_fx.harness.testing.build`; the vision tower is never run). The prompt is text-only token
 ids: BOS, ``image_tokens`` copies of the image token id (the modality hook maps them to the
 ``image`` modality, so the modality machinery runs) and ``text_tokens - 1`` ordinary text ids;
-then a greedy decode of ``decode_tokens`` tokens at batch 1 (argmax over the ordinary text ids,
-KV cache). Variants, timed with interleaved repetitions:
+then a greedy decode of ``decode_tokens`` tokens at batch 1 (argmax over the ordinary text ids)
+on a static KV cache (``transformers.StaticCache`` preallocated to prompt + decode positions,
+written in place: every decode step has the same shapes, so each compiled variant runs one decode
+graph, and no step re-copies the cache as the default DynamicCache's ``torch.cat`` does).
+Decode is also timed at every batch size of ``cfg.batches`` above 1 (default 4; ``--batches
+1,4,16`` adds 16; compiled variants only; ``batch_decode_tokens`` steps, as every step of a static
+cache costs the same): the batch-1 prefill's K/V copied into every row of a static cache, each row
+starting from a different text id (:meth:`Runner.batched`); each batch size's ratio to dense and
+Amdahl bound (from the experts share of that batch's ``tau=0`` decode) are reported.
+Variants, timed with interleaved repetitions:
 
 - ``eager``: transformers eager, uncompiled;
 - ``dense``: ``torch.compile`` with inductor (the baseline every ratio is taken against);
@@ -37,14 +45,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -75,19 +82,56 @@ class BenchConfig:
     reps: int
     compiler: str  # inner compiler of both compiled variants: "inductor" or "eager"
     bandwidth_mib: int = 256  # size of the weight the bandwidth probe streams
+    batches: tuple[int, ...] = (1, 4)  # decode batch sizes (1 first: the main table's decode)
+    batch_decode_tokens: int = 16  # steps of a decode at batch > 1 (each step costs the same)
+
+    def steps(self, batch: int) -> int:
+        """Decode steps at ``batch`` rows: ``decode_tokens`` at batch 1, else ``batch_decode_tokens``."""
+        return self.decode_tokens if batch == 1 else self.batch_decode_tokens
 
 
 FULL = BenchConfig(1024, 8, 64, 8, 384, 16, 4, 64, 1024, 64, 64, 3, "inductor")
-QUICK = BenchConfig(64, 2, 8, 2, 32, 4, 2, 16, 48, 8, 4, 1, "eager", 16)
+QUICK = BenchConfig(64, 2, 8, 2, 32, 4, 2, 16, 48, 8, 4, 1, "eager", 16, (1, 4), 3)
+
+
+DECODE_ATTENTION = "sdpa_decode_gqa"  # the benchmark model's attention (registered below)
+
+
+def sdpa_decode_gqa(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers' ``sdpa`` attention, except that a one-token query with a mask attends to the
+    K/V heads as they are cached: query ``[B, Hq, 1, d]`` viewed as ``[B, Hkv, Hq / Hkv, d]``
+    against K/V ``[B, Hkv, L, d]`` (the mask ``[B, 1, 1, L]`` is shared by all heads). Uncompiled,
+    transformers does the same (its ``pack_gqa``); under torch.compile it copies the whole cache
+    into ``Hq`` heads (``repeat_kv``) at every step instead. Returns (``[B, 1, Hq, d]``, None)."""
+    from torch.nn import functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, length, dim = query.shape
+    shared_mask = attention_mask is not None and attention_mask.shape[1] == 1
+    if length != 1 or not shared_mask or key.shape[1] == heads or kwargs.get("dropout", 0.0):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    packed = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2), None
+
+
+def _register_decode_attention() -> None:
+    """Make :data:`DECODE_ATTENTION` a transformers attention implementation (sdpa's masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DECODE_ATTENTION, sdpa_decode_gqa)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
 
 
 def build_model(cfg: BenchConfig) -> torch.nn.Module:
-    """The benchmark model (fp32, eval, seeded random weights, grouped_mm experts)."""
+    """The benchmark model (fp32, eval, seeded random weights, grouped_mm experts), its language
+    model attending with :func:`sdpa_decode_gqa`."""
     from modes_fx.harness import testing
 
     half = cfg.head_dim // 2
     hw = half * 5 // 16  # mrope sections (t, h, w) summing to head_dim / 2, as Qwen3-VL's 24/20/20
-    return testing.build(
+    model = testing.build(
         "qwen3_vl_moe",
         experts_implementation="grouped_mm",
         hidden_size=cfg.hidden_size,
@@ -107,6 +151,9 @@ def build_model(cfg: BenchConfig) -> torch.nn.Module:
             "mrope_interleaved": True,
         },
     )
+    _register_decode_attention()
+    model.set_attn_implementation({"text_config": DECODE_ATTENTION})
+    return model
 
 
 def prompt_ids(cfg: BenchConfig) -> torch.Tensor:
@@ -224,21 +271,59 @@ class Runner:
         table[:, 0] = -torch.inf
         self.state.set_thresholds(table)
 
-    def _next(self, out) -> torch.Tensor:
+    def _next(self, out, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Each row's next token, int64 [B, 1]: the argmax over the ordinary text ids, or with
+        ``generator`` a sample of their softmax (temperature 1)."""
         logits = out.logits[:, -1, self.text_ids]
-        return logits.argmax(-1, keepdim=True) + self.text_ids.start
+        if generator is None:
+            return logits.argmax(-1, keepdim=True) + self.text_ids.start
+        return torch.multinomial(logits.float().softmax(-1), 1, generator=generator) + self.text_ids.start
+
+    def static_cache(self, batch: int):
+        """An empty ``transformers.StaticCache`` for ``batch`` rows of the prompt and the longest
+        decode (the same length at every batch size: attention reads all of it), allocated before any forward (the model's dtype and device): decode writes
+        each step's K/V into it in place, so every step has the same shapes and compiles once."""
+        from transformers import StaticCache
+
+        text = self.model.config.get_text_config(decoder=True)
+        weight = self.model.get_input_embeddings().weight
+        cache = StaticCache(config=self.model.config, max_cache_len=self.ids.shape[1] + max(map(self.cfg.steps, self.cfg.batches)))
+        cache.early_initialization(batch, text.num_key_value_heads, text.head_dim, weight.dtype, weight.device)
+        return cache
 
     def prefill(self):
-        """(KV cache, first generated token int64 [1, 1])."""
-        out = self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1)
-        return out.past_key_values, self._next(out)
+        """(static KV cache holding the prompt, first generated token int64 [1, 1])."""
+        cache = self.static_cache(1)
+        out = self.model(input_ids=self.ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache, self._next(out)
+
+    def batched(self, past, token, batch: int):
+        """(static cache, tokens int64 [batch, 1]) for a decode of ``batch`` rows after the batch-1
+        prefill (``past``, ``token`` [1, 1]): the prompt's K/V copied into every row; row i
+        continues from the i-th text id after ``token`` (cyclically; row 0 from ``token``), so the
+        rows' tokens, and their routing, differ from the first step."""
+        cache = self.static_cache(batch)
+        for src, dst in zip(past.layers, cache.layers, strict=True):
+            dst.keys.copy_(src.keys.expand_as(dst.keys))
+            dst.values.copy_(src.values.expand_as(dst.values))
+            dst.cumulative_length.copy_(src.cumulative_length)
+        start, count = self.text_ids.start, self.text_ids.stop - self.text_ids.start
+        rows = torch.arange(batch, device=token.device)[:, None]
+        return cache, (token - start + rows) % count + start
 
     def decode(self, past, token) -> torch.Tensor:
-        """Greedy decode of ``decode_tokens`` steps after a prefill; int64 [1, decode_tokens]."""
+        """Decode of ``cfg.steps(B)`` steps from the end of the prompt in the static cache ``past``
+        (what earlier decodes wrote past the prompt is overwritten: one prefill serves several
+        decodes); ``token`` int64 [B, 1]; returns int64 [B, steps]. Batch 1 is greedy; B > 1
+        rows sample (seeded, so every decode of the same inputs reads the same
+        tokens): greedy rows of this random model fall into the same repeated token, and rows
+        that route alike would not be a batch of different requests."""
+        past.crop(-(int(past.get_seq_length()) - self.ids.shape[1]))
+        generator = torch.Generator(token.device).manual_seed(0) if token.shape[0] > 1 else None
         tokens = []
-        for _ in range(self.cfg.decode_tokens):
+        for _ in range(self.cfg.steps(token.shape[0])):
             tokens.append(token)
-            token = self._next(self.model(input_ids=token, past_key_values=past, use_cache=True))
+            token = self._next(self.model(input_ids=token, past_key_values=past, use_cache=True), generator)
         return torch.cat(tokens, 1)
 
 
@@ -309,6 +394,8 @@ class Variant:
     decode_ms: float = float("nan")
     prefill_peak_mib: float = 0.0
     decode_peak_mib: float = 0.0
+    batched_decode_ms: dict[int, float] = field(default_factory=dict)  # batch > 1 -> decode ms
+    batched_decode_skip: dict[int, float] = field(default_factory=dict)
 
 
 def calibrate(runner: Runner, target: float, echo, prefix: str = "modes") -> Variant:
@@ -325,7 +412,7 @@ def calibrate(runner: Runner, target: float, echo, prefix: str = "modes") -> Var
 
     def decode_skip(t):
         runner.use("modes", t)
-        return _skip_ratio(lambda: runner.decode(copy.deepcopy(past), token))
+        return _skip_ratio(lambda: runner.decode(past, token))
 
     td, _ = solve_threshold(decode_skip, target)
     echo(f"  {prefix} skip {target:.0%}: prefill threshold {tp:.4f}, decode threshold {td:.4f}")
@@ -336,22 +423,32 @@ def calibrate(runner: Runner, target: float, echo, prefix: str = "modes") -> Var
 # The benchmark
 
 
-def experts_share(runner: Runner, op: str = "modes::masked_experts") -> dict[str, float]:
-    """Fraction of the ``modes tau=0`` prefill / decode time spent in the masked experts ``op``
-    (``modes::masked_experts_int4`` for int4 weights)."""
+def experts_share(runner: Runner, op: str = "modes::masked_experts") -> dict:
+    """Fraction of the ``modes tau=0`` time spent in the masked experts ``op``
+    (``modes::masked_experts_int4`` for int4 weights): ``prefill``, ``decode`` (batch 1) and
+    ``decode_batched`` (batch size > 1 of ``cfg.batches`` -> fraction)."""
+    runner.use("modes", 0.0)
+    past, token = runner.prefill()
+    shares = {"prefill": _op_share(runner.prefill, op), "decode": _op_share(lambda: runner.decode(past, token), op)}
+    batched = {b: runner.batched(past, token, b) for b in _batches(runner.cfg)}
+    shares["decode_batched"] = {b: _op_share(lambda b=b: runner.decode(*batched[b]), op) for b in batched}
+    return shares
+
+
+def _op_share(fn, op: str) -> float:
+    """Fraction of the wall time of one ``fn()`` spent in ``op`` (torch.profiler, CPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    runner.use("modes", 0.0)
-    shares = {}
-    past, token = runner.prefill()
-    for phase, fn in (("prefill", runner.prefill), ("decode", lambda: runner.decode(past, token))):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            fn()
-            wall_us = (time.perf_counter() - start) * 1e6
-        experts_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key == op)
-        shares[phase] = experts_us / wall_us
-    return shares
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        fn()
+        wall_us = (time.perf_counter() - start) * 1e6
+    return sum(e.cpu_time_total for e in prof.key_averages() if e.key == op) / wall_us
+
+
+def _batches(cfg: BenchConfig) -> tuple[int, ...]:
+    """The batched decode's batch sizes (those of ``cfg.batches`` above 1)."""
+    return tuple(b for b in cfg.batches if b > 1)
 
 
 PRECISIONS = ("fp32", "w4a16", "both")
@@ -396,7 +493,8 @@ def run_fp32(cfg: BenchConfig, echo, bandwidth: float, targets=SKIP_TARGETS, eag
     with torch.no_grad():
         variants, share = measure(runner, variants, targets, "modes", echo, each_round=each_round)
     runner.close()
-    return {"experts_share": share, "variants": _rows(variants, "dense", share, _decode_roofline(model, cfg, bandwidth))}
+    rows = _rows(variants, "dense", share, _decode_roofline(model, cfg, bandwidth), cfg)
+    return {"experts_share": share, "variants": rows}
 
 
 def run_w4a16(cfg: BenchConfig, echo, bandwidth: float, each_round=None) -> dict:
@@ -427,7 +525,7 @@ def run_w4a16(cfg: BenchConfig, echo, bandwidth: float, each_round=None) -> dict
     return {
         "group_size": report.group_size,
         "experts_share": share,
-        "variants": _rows(variants, "w4a16 dense", share, _decode_roofline(model, cfg, bandwidth)),
+        "variants": _rows(variants, "w4a16 dense", share, _decode_roofline(model, cfg, bandwidth), cfg),
         "weight_mib": mib,
         "expert_weight_mib": {"bf16": report.expert_bytes_before / 2**20, "w4a16": report.expert_bytes_after / 2**20},
         "expert_memory_ratio": report.expert_memory_ratio,
@@ -446,11 +544,11 @@ def measure(runner: Runner, variants: list[Variant], targets, prefix: str, echo,
     # static-shaped, as in the measured table), then checks every MoE site was rewritten.
     for v in sorted(variants, key=lambda v: ("eager", "modes", "dense").index(v.impl)):
         runner.use(v.impl)
-        _, ms = _timed(lambda: runner.decode(*runner.prefill()))
+        _, ms = _timed(lambda: _decode_every_batch(runner, v.impl, *runner.prefill()))
         echo(f"  warm-up {v.name}: {ms / 1e3:.1f} s (includes compilation)")
     runner.check_every_site_rewritten()
     variants = variants + [calibrate(runner, s, echo, prefix) for s in targets]
-    samples = {v.name: {"prefill": [], "decode": []} for v in variants}
+    samples = {v.name: {"prefill": [], "decode": [], "batched": {}} for v in variants}
     for _ in range(runner.cfg.reps):
         for v in variants:
             _measure_once(runner, v, samples[v.name])
@@ -459,25 +557,41 @@ def measure(runner: Runner, variants: list[Variant], targets, prefix: str, echo,
     for v in variants:
         v.prefill_ms = statistics.median(samples[v.name]["prefill"])
         v.decode_ms = statistics.median(samples[v.name]["decode"])
+        v.batched_decode_ms = {b: statistics.median(ms) for b, ms in samples[v.name]["batched"].items()}
         _measure_untimed(runner, v)
     return variants, experts_share(runner, op)
 
 
+def _decode_every_batch(runner: Runner, impl: str, past, token) -> None:
+    """Untimed: decode after the prefill (``past``, ``token``) at batch 1 and, unless ``impl`` is
+    eager (not a baseline of any ratio; uncompiled batched decode would only add minutes), at
+    every batched size."""
+    runner.decode(past, token)
+    for b in _batches(runner.cfg) if impl != "eager" else ():
+        runner.decode(*runner.batched(past, token, b))
+
+
 def _measure_once(runner: Runner, v: Variant, samples: dict) -> None:
-    """One timed prefill and one timed decode of variant ``v``. Nothing is tracked while timing
-    (``track()`` is a diagnostic with its own per-call cost, absent from the dense baseline);
-    :func:`_measure_untimed` reads the skip ratios of the same deterministic inputs."""
+    """One timed prefill and one timed decode per batch size of variant ``v`` (batch > 1 not for
+    eager). Nothing is tracked while timing (``track()`` is a diagnostic with its own per-call
+    cost, absent from the dense baseline); :func:`_measure_untimed` reads the skip ratios of the
+    same deterministic inputs."""
     runner.use(v.impl, v.prefill_threshold)
     (past, token), ms = _timed(runner.prefill)
     samples["prefill"].append(ms)
     runner.use(v.impl, v.decode_threshold)
     _, ms = _timed(runner.decode, past, token)
     samples["decode"].append(ms)
+    for b in _batches(runner.cfg) if v.impl != "eager" else ():
+        batched = runner.batched(past, token, b)
+        _, ms = _timed(runner.decode, *batched)
+        samples["batched"].setdefault(b, []).append(ms)
 
 
 def _measure_untimed(runner: Runner, v: Variant) -> None:
-    """Skip ratios (``track()``) and peak resident-set growth of one untimed prefill and decode
-    of ``v`` (not during timing: the sampling thread would compete for the interpreter)."""
+    """Skip ratios (``track()``) of one untimed prefill and decode per batch size of ``v``, and
+    the peak resident-set growth of the prefill and the batch-1 decode (not during timing: the
+    sampling thread would compete for the interpreter)."""
     import modes_fx
 
     runner.use(v.impl, v.prefill_threshold)
@@ -488,6 +602,11 @@ def _measure_untimed(runner: Runner, v: Variant) -> None:
     with PeakRSS() as mem, modes_fx.track() as stats:
         runner.decode(past, token)
     v.decode_peak_mib, v.decode_skip = mem.peak, stats.skip_ratio
+    for b in v.batched_decode_ms:
+        batched = runner.batched(past, token, b)
+        with modes_fx.track() as stats:
+            runner.decode(*batched)
+        v.batched_decode_skip[b] = stats.skip_ratio
 
 
 def _amdahl(share: float, skip: float) -> float:
@@ -500,9 +619,11 @@ def _decode_roofline(model: torch.nn.Module, cfg: BenchConfig, bandwidth: float)
     return lambda row: _roofline(row, step_bytes, cfg.num_layers * cfg.top_k, cfg.decode_tokens, bandwidth)
 
 
-def _rows(variants: list[Variant], baseline: str, share: dict[str, float], roofline) -> list[dict]:
+def _rows(variants: list[Variant], baseline: str, share: dict, roofline, cfg: BenchConfig) -> list[dict]:
     """The table rows: each variant with its speedups over the ``baseline`` row, its Amdahl
-    bound and (``roofline(row)``) its decode bandwidth bound."""
+    bound, (``roofline(row)``) its decode bandwidth bound and ``decode_by_batch`` (batch ->
+    ms per token (``cfg.steps(batch)`` steps), speedup over the baseline at that batch, skip ratio,
+    Amdahl bound; batch 1 is the row's decode)."""
     base = next(v for v in variants if v.name == baseline)
     rows = []
     for v in variants:
@@ -512,8 +633,27 @@ def _rows(variants: list[Variant], baseline: str, share: dict[str, float], roofl
             skip = getattr(v, f"{phase}_skip")
             row[f"{phase}_amdahl_bound"] = _amdahl(share[phase], skip) if skip == skip else None
         roofline(row)
+        row["decode_by_batch"] = _by_batch(v, base, share, cfg)
         rows.append(row)
     return rows
+
+
+def _by_batch(v: Variant, base: Variant, share: dict, cfg: BenchConfig) -> dict[int, dict]:
+    """Batch -> decode ms per token (``cfg.steps(batch)`` steps), speedup over ``base`` at that batch, skip
+    ratio and Amdahl bound (from that batch's experts share) of variant ``v``."""
+    ms = {1: v.decode_ms, **v.batched_decode_ms}
+    skips = {1: v.decode_skip, **v.batched_decode_skip}
+    base_ms = {1: base.decode_ms, **base.batched_decode_ms}
+    shares = {1: share["decode"], **share["decode_batched"]}
+    return {
+        b: {
+            "ms_per_token": ms[b] / cfg.steps(b),
+            "speedup_vs_dense": base_ms[b] / ms[b],
+            "skip": skips[b],
+            "amdahl_bound": _amdahl(shares[b], skips[b]) if skips[b] == skips[b] else None,
+        }
+        for b in ms
+    }
 
 
 def format_table(result: dict) -> str:
@@ -551,6 +691,27 @@ def _table(rows: list[dict], share: dict[str, float]) -> list[str]:
             f"{r['prefill_peak_mib']:>8.0f}/{r['decode_peak_mib']:<6.0f}"
         )
     lines.append(f"experts share of dense (modes tau=0) time: prefill {share['prefill']:.1%}, decode {share['decode']:.1%}")
+    return lines + _batch_table(rows, share)
+
+
+def _batch_table(rows: list[dict], share: dict) -> list[str]:
+    """Decode per batch size: ms per token, x dense and Amdahl bound at that batch, skip ratio."""
+    batches = sorted({b for r in rows for b in r["decode_by_batch"]})
+    head = f"{'decode by batch':<16}" + "".join(f"{f'b={b} ms/tok':>13}{'x dense':>8}{'bound':>7}{'skip':>7}" for b in batches)
+    lines = ["", head, "-" * len(head)]
+    for r in rows:
+        cells = []
+        for b in batches:
+            d = r["decode_by_batch"].get(b)
+            if d is None:
+                cells.append(f"{'-':>13}{'':>22}")
+                continue
+            bound = "-" if d["amdahl_bound"] is None else f"{d['amdahl_bound']:.2f}"
+            skip = "-" if r["impl"] != "modes" else f"{d['skip']:.3f}"
+            cells.append(f"{d['ms_per_token']:>13.1f}{d['speedup_vs_dense']:>8.2f}{bound:>7}{skip:>7}")
+        lines.append(f"{r['name']:<16}" + "".join(cells))
+    shares = {1: share["decode"], **share["decode_batched"]}
+    lines.append("experts share of modes tau=0 decode by batch: " + ", ".join(f"b={b} {shares[b]:.1%}" for b in batches))
     return lines
 
 
@@ -591,14 +752,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for speed.json and speed.png")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default: 3, quick 1)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 8, quick 2)")
+    p.add_argument("--batches", type=_batch_sizes, default=None,
+                   help="decode batch sizes, comma-separated, starting with 1 (default 1,4; 1,4,16 adds about a minute)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 rows (default), W4A16 rows (int4 experts, bf16 activations) or both (about +5 minutes)")
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    """``--batches``: "1,4,16" -> (1, 4, 16); batch 1 first (the main table's decode)."""
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or sizes[0] != 1 or any(b < 1 for b in sizes) or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"expected distinct positive batch sizes starting with 1, like 1,4,16; got {text!r}")
+    return sizes
 
 
 def speed(args: argparse.Namespace) -> int:
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     cfg = QUICK if args.quick else FULL
-    overrides = {k: v for k, v in (("reps", args.reps), ("num_layers", args.layers)) if v is not None}
+    overrides = {k: v for k, v in (("reps", args.reps), ("num_layers", args.layers), ("batches", args.batches)) if v is not None}
     cfg = BenchConfig(**{**asdict(cfg), **overrides})
     run(cfg, args.out, args.precision)
     return 0
