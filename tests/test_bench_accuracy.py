@@ -45,3 +45,15 @@ def test_accuracy_benchmark_rows_statistics_and_outputs(tmp_path):
     assert "| 50% | 2 | " in table and "Kendall τ-b" in table
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_w4a16_rows_a_model_cannot_hold_are_reported_not_run():
+    """The grids model's experts are 16 wide, which torchao's CPU int4 kernel cannot group: the
+    benchmark says so up front and still measures the fp32 rows."""
+    lines = []
+    result = benchmark.run(quick=True, model_name="grids", echo=lines.append, progress=False, methods=("top_k",), targets=(0.5,),
+                           w4a16_targets=(0.5,), calib_limit=16, test_limit=16, grid_points=4)
+    assert "group_size" in result.w4a16_skipped and result.w4a16_accuracy is None
+    assert [r.method for r in result.rows] == ["top_k"]
+    assert any(line.startswith("W4A16 rows skipped:") for line in lines[:3])
+    assert f"W4A16 rows not run: {result.w4a16_skipped}." in benchmark.format_table(result)

@@ -65,6 +65,7 @@ class Result:
     w4a16_accuracy: float | None = None  # the W4A16 model without skipping (None: not run)
     w4a16_by_modality: dict[str, float] = field(default_factory=dict)
     w4a16_logit_error: float | None = None  # ‖W4A16 − bf16‖ / ‖bf16‖ of the logits on the first test batch
+    w4a16_skipped: str | None = None  # why the W4A16 rows were not run (the model cannot be quantized), if they were asked for
     # per model ("fp32", "W4A16") whose GMLG statistics were computed: modalities, KL [L][M] of
     # removing layer l's routed experts for modality m's tokens (nats), α [L][M]
     importance: dict[str, dict] = field(default_factory=dict)
@@ -111,10 +112,16 @@ def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: 
                     test_questions=sum(dense.total.values()))
     echo(f"dense test accuracy {100 * dense.overall:.2f}% on {result.test_questions} questions "
          f"({len(calib)} calibration batches); tuning {len(cfg['methods'])} methods x {len(cfg['targets'])} skip ratios")
+    w4a16 = None
+    if cfg["w4a16_targets"]:  # quantized first, so that a model int4 cannot hold is reported before the long part
+        try:
+            w4a16, result.w4a16_logit_error = quantized_model(bench, test[0], echo)
+        except ValueError as e:  # e.g. an expert width that torchao's CPU int4 kernel cannot group
+            result.w4a16_skipped = str(e)
+            echo(f"W4A16 rows skipped: {e}")
     tune_and_evaluate(bench, result, model, calib, test, cfg["methods"], cfg["targets"], cfg["grid_points"], echo, progress)
-    if cfg["w4a16_targets"]:
+    if w4a16 is not None:
         torch._dynamo.reset()  # the fp32 session's graphs would count towards the W4A16 model's recompile limit
-        w4a16, result.w4a16_logit_error = quantized_model(bench, test[0], echo)
         plain = bench.accuracy(w4a16, test)
         result.w4a16_accuracy, result.w4a16_by_modality = plain.overall, plain.by_modality
         echo(f"W4A16 test accuracy without skipping {100 * plain.overall:.2f}% (retention {100 * plain.overall / dense.overall:.2f}%); "
@@ -200,6 +207,7 @@ def format_table(result: Result) -> str:
                  f"(retention {100 * result.w4a16_accuracy / result.dense_accuracy:.2f}%; logits' relative error vs the bf16 model "
                  f"{result.w4a16_logit_error:.4f} on the first test batch); the `{W4A16_METHOD}` row is MoDES "
                  "calibrated and deployed on that model, retention against the fp32 dense model."]),
+             *([] if result.w4a16_skipped is None else [f"W4A16 rows not run: {result.w4a16_skipped}."]),
              "", "Retention (% of dense accuracy) [accuracy %, measured test skip]:", "", *table(overall),
              "", "Retention on vision / text questions (% of dense on the same questions):", "", *table(by_modality)]
     for name, stats in result.importance.items():
