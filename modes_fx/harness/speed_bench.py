@@ -318,7 +318,8 @@ class Runner:
         rows sample (seeded, so every decode of the same inputs reads the same
         tokens): greedy rows of this random model fall into the same repeated token, and rows
         that route alike would not be a batch of different requests."""
-        past.crop(-(int(past.get_seq_length()) - self.ids.shape[1]))
+        for layer in past.layers:  # rewind to the prompt in place (the static address stays; StaticLayer.crop is 5.24+)
+            layer.cumulative_length.fill_(self.ids.shape[1])
         generator = torch.Generator(token.device).manual_seed(0) if token.shape[0] > 1 else None
         tokens = []
         for _ in range(self.cfg.steps(token.shape[0])):
