@@ -645,7 +645,7 @@ def _by_batch(v: Variant, base: Variant, share: dict, cfg: BenchConfig) -> dict[
     ms = {1: v.decode_ms, **v.batched_decode_ms}
     skips = {1: v.decode_skip, **v.batched_decode_skip}
     base_ms = {1: base.decode_ms, **base.batched_decode_ms}
-    shares = {1: share["decode"], **share["decode_batched"]}
+    shares = _decode_shares(share)
     return {
         b: {
             "ms_per_token": ms[b] / cfg.steps(b),
@@ -655,6 +655,11 @@ def _by_batch(v: Variant, base: Variant, share: dict, cfg: BenchConfig) -> dict[
         }
         for b in ms
     }
+
+
+def _decode_shares(share: dict) -> dict[int, float]:
+    """Batch -> experts share of the ``modes tau=0`` decode (batch 1 and ``decode_batched``)."""
+    return {1: share["decode"], **share["decode_batched"]}
 
 
 def format_table(result: dict) -> str:
@@ -711,7 +716,7 @@ def _batch_table(rows: list[dict], share: dict) -> list[str]:
             skip = "-" if r["impl"] != "modes" else f"{d['skip']:.3f}"
             cells.append(f"{d['ms_per_token']:>13.1f}{d['speedup_vs_dense']:>8.2f}{bound:>7}{skip:>7}")
         lines.append(f"{r['name']:<16}" + "".join(cells))
-    shares = {1: share["decode"], **share["decode_batched"]}
+    shares = _decode_shares(share)
     lines.append("experts share of modes tau=0 decode by batch: " + ", ".join(f"b={b} {shares[b]:.1%}" for b in batches))
     return lines
 

@@ -38,7 +38,8 @@ from modes_fx.harness.digits.data import Batch, digits, patchify, split_images, 
 # Vocabulary (answer ids equal the digits task's: specials, then 0-9, yes, no)
 
 SPECIAL_TOKENS, DIGIT_TOKENS, YES_NO_TOKENS = digits_data.SPECIAL_TOKENS, digits_data.DIGIT_TOKENS, digits_data.YES_NO_TOKENS
-CELL_TOKENS = tuple(f"{column}{row}" for row in range(1, 5) for column in "abcd")  # one token per cell: column letter, row number
+COLUMN_NAMES = "abcd"  # a cell is named by its column letter and row number ("b3")
+CELL_TOKENS = tuple(f"{column}{row}" for row in range(1, 5) for column in COLUMN_NAMES)  # one token per cell, row-major
 WORD_TOKENS = ("at", "plus", "minus", "greater", "=") + CELL_TOKENS
 VOCAB = SPECIAL_TOKENS + DIGIT_TOKENS + YES_NO_TOKENS + WORD_TOKENS
 TOKEN_ID = {token: i for i, token in enumerate(VOCAB)}
@@ -104,7 +105,7 @@ def ascii_grid(grid: Grid) -> str:
     """The grid's digits as text art (``digits.data.ascii_image`` per cell), cells side by side,
     columns labelled a-d and rows 1-4 like ``CELL_TOKENS``."""
     width = 2 * digits()[0].shape[2]
-    lines = ["  " + "".join(f"{column:^{width}}" for column in "abcd"[:shape(grid)[1]])]
+    lines = ["  " + "".join(f"{column:^{width}}" for column in COLUMN_NAMES[:shape(grid)[1]])]
     for r, row in enumerate(grid, 1):
         cells = [digits_data.ascii_image(i).split("\n") for i in row]
         lines += [(str(r) if k == len(cells[0]) // 2 else " ") + " " + "".join(parts) for k, parts in enumerate(zip(*cells))]
@@ -166,7 +167,7 @@ GREATER = Operation("greater", lambda x, y: _yes(x > y), lambda x, y: True)
 
 def _cell_token(r: int, c: int) -> str:
     """The token naming row r, column c (1-based): column letter, row number ("b3")."""
-    return CELL_TOKENS[(r - 1) * 4 + c - 1]
+    return f"{COLUMN_NAMES[c - 1]}{r}"
 
 
 def _at(op: Operation) -> QuestionType:

@@ -120,7 +120,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, init: str | Path | No
     torch.set_num_threads(cfg.threads)
     model = grids_model.build(seed=cfg.seed) if init is None else grids_model.load(init).train()
     clock = (time.perf_counter(), time.process_time())
-    for index, stage in enumerate(cfg.stages):
+    for index in range(len(cfg.stages)):
         _train_stage(model, cfg, index, out, init, clock, progress)
     return model.eval()
 
