@@ -24,6 +24,9 @@ def test_accuracy_benchmark_rows_statistics_and_outputs(tmp_path):
         assert 0 < row.skip < 1 and set(row.skip_by_modality) == {"text", "vision"}
         assert row.retention == pytest.approx(100 * row.accuracy / result.dense_accuracy)
         assert set(row.accuracy_by_modality) == {"text", "vision"}
+        assert row.tune_seconds > 0 and row.eval_seconds > 0
+    gammas = {r.method: r.details.get("gamma") for r in result.rows}
+    assert gammas["top_k"] is None and gammas["modes"] in result.rows[1].details["gammas"]
     assert 0.9 < result.dense_accuracy <= 1 and result.w4a16_accuracy is not None
     assert 0 < result.w4a16_logit_error < 0.2  # int4 moves the trained model's logits a little, not to noise
 
@@ -32,6 +35,12 @@ def test_accuracy_benchmark_rows_statistics_and_outputs(tmp_path):
         assert stats["modalities"] == ["text", "vision"]
         for column in range(2):
             assert sum(row[column] for row in stats["alpha"]) == pytest.approx(1.0)
+
+    [comparison] = result.comparisons  # the default MoDES against the other fp32 method, W4A16 row excluded
+    by_method = {r.method: r for r in result.rows}
+    assert comparison["method"] == "top_k" and comparison["noise"] >= 0
+    assert comparison["gap"] == pytest.approx(100 * (by_method["modes"].accuracy - by_method["top_k"].accuracy))
+    assert comparison["beyond_noise"] == (comparison["gap"] > comparison["noise"])
 
     assert result.test_questions == 64 and [a["target"] for a in result.agreement] == [0.5]  # fp32 methods only
     assert result.agreement[0]["schedules"] == len(METHODS)
@@ -43,6 +52,8 @@ def test_accuracy_benchmark_rows_statistics_and_outputs(tmp_path):
     table = (out / "accuracy.md").read_text()
     assert all(f"| {m} |" in table for m in (*METHODS, benchmark.W4A16_METHOD)) and "W4A16 model" in table and "α" in table
     assert "| 50% | 2 | " in table and "Kendall τ-b" in table
+    assert f"| 50% | top_k | {comparison['gap']:+.2f} | {comparison['noise']:.2f} |" in table
+    assert f"γ chosen by `modes` (α ∝ KL^γ, lowest calibration KL among γ ∈ {{0, 0.5, 1}}): 50% → {gammas['modes']:g}." in table
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

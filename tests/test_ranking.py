@@ -1,6 +1,8 @@
 """Calibration KL against test accuracy (``modes_fx.harness.ranking``): Kendall's τ-b against
-SciPy's, and the discordant / decisive pair counts on hand-made cases."""
+SciPy's, the discordant / decisive pair counts on hand-made cases, and the paired noise of two
+schedules' per-question answers."""
 import math
+import statistics
 
 import pytest
 from hypothesis import given
@@ -35,3 +37,19 @@ def test_sampling_noise_is_two_standard_errors_of_a_difference():
     assert ranking.sampling_noise(0.9, 1000) == pytest.approx(2 * math.sqrt(2 * 0.9 * 0.1 / 1000))
     with pytest.raises(ValueError, match="different lengths"):
         ranking.kendall_tau_b([1.0], [1.0, 2.0])
+
+
+def test_paired_noise_worked_example_and_agreement_is_no_noise():
+    # differences (1, 0, 0, 0): mean 1/4, sample variance 1/4, standard error 1/4
+    assert ranking.paired_noise([1, 1, 0, 0], [0, 1, 0, 0]) == pytest.approx(0.5)
+    assert ranking.paired_noise([1, 0, 1, 1], [1, 0, 1, 1]) == 0.0
+    with pytest.raises(ValueError, match="equally long"):
+        ranking.paired_noise([1, 0], [1])
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=2, max_size=200))
+def test_paired_noise_is_two_standard_errors_of_the_per_question_difference(pairs):
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    expected = 2 * statistics.stdev([int(x) - int(y) for x, y in pairs]) / math.sqrt(len(pairs))
+    assert ranking.paired_noise(a, b) == pytest.approx(expected, abs=1e-12)
+    assert ranking.paired_noise(b, a) == pytest.approx(ranking.paired_noise(a, b))

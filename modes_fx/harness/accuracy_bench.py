@@ -52,6 +52,9 @@ class Row:
     retention: float
     knob: float
     tune_passes: int
+    details: dict = field(default_factory=dict)  # the method's own choices (modes: the γ chosen among the γ tried)
+    tune_seconds: float = 0.0  # wall time of tuning on the calibration split
+    eval_seconds: float = 0.0  # wall time of the test-split evaluation
 
 
 @dataclass
@@ -73,6 +76,9 @@ class Result:
     # per target: does calibration KL order the fp32 methods' schedules as test accuracy does
     # (ranking.Agreement fields)
     agreement: list[dict] = field(default_factory=list)
+    # per target and fp32 method: the default MoDES's accuracy minus that method's (points) and
+    # the paired noise of the gap (ranking.paired_noise, points), on the same test questions
+    comparisons: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -119,7 +125,9 @@ def run(quick: bool = False, out_dir: Path | None = None, echo=print, progress: 
         except ValueError as e:  # e.g. an expert width that torchao's CPU int4 kernel cannot group
             result.w4a16_skipped = str(e)
             echo(f"W4A16 rows skipped: {e}")
-    tune_and_evaluate(bench, result, model, calib, test, cfg["methods"], cfg["targets"], cfg["grid_points"], echo, progress)
+    hits: dict[tuple[str, float], list[bool]] = {}
+    tune_and_evaluate(bench, result, model, calib, test, cfg["methods"], cfg["targets"], cfg["grid_points"], echo, progress, hits=hits)
+    result.comparisons = compare_with_default(result, hits)
     if w4a16 is not None:
         torch._dynamo.reset()  # the fp32 session's graphs would count towards the W4A16 model's recompile limit
         plain = bench.accuracy(w4a16, test)
@@ -146,22 +154,32 @@ def quantized_model(bench: BenchmarkModel, batch, echo=print) -> tuple[torch.nn.
     return model, float((logits - reference).norm() / reference.norm())
 
 
-def tune_and_evaluate(bench: BenchmarkModel, result: Result, model, calib, test, methods, targets, grid_points: int, echo, progress: bool, label: str | None = None) -> None:
+def tune_and_evaluate(bench: BenchmarkModel, result: Result, model, calib, test, methods, targets, grid_points: int, echo, progress: bool,
+                      label: str | None = None, hits: dict | None = None) -> None:
     """Append to ``result`` one :class:`Row` per method and target: tuned on ``calib`` with one
     :class:`BaselineTuner` over ``model``, evaluated on ``test`` (retention against
-    ``result.dense_accuracy``). ``label``: row name instead of the method's (one method only)."""
+    ``result.dense_accuracy``). ``label``: row name instead of the method's (one method only);
+    ``hits``: filled with each (method, target)'s per-question answers (correct or not)."""
     with BaselineTuner(model, calib, grid_points=grid_points, progress=progress) as tuner:
         for method in methods:
             for target in targets:
+                started = time.perf_counter()
                 tuned = tuner.tune(method, target)
+                tuned_at = time.perf_counter()
                 acc, stats = evaluate_deployed(bench, tuner, tuned.schedule, test)
                 row = Row(
                     label or method, target, tuned.skip, tuned.kl, tuned.reached, stats.skip_ratio, stats.by_modality,
                     acc.overall, acc.by_modality, acc.by_type, 100 * acc.overall / result.dense_accuracy, tuned.knob, tuned.passes,
+                    {k: tuned.schedule.calibration[k] for k in ("gamma", "gammas", "layers") if k in tuned.schedule.calibration},
+                    tuned_at - started, time.perf_counter() - tuned_at,
                 )
                 result.rows.append(row)
+                if hits is not None:
+                    hits[(row.method, target)] = acc.hits
+                chose = f", γ {row.details['gamma']:g}" if "gamma" in row.details else ""
                 echo(f"  {row.method:<19s} target {target:.2f}: test skip {row.skip:.3f}, accuracy {100 * row.accuracy:.2f}% "
-                     f"(retention {row.retention:.2f}%)" + ("" if tuned.reached else "  [target not reached on calibration]"))
+                     f"(retention {row.retention:.2f}%{chose}; tuned in {row.tune_seconds:.0f} s, {row.tune_passes} passes, "
+                     f"evaluated in {row.eval_seconds:.0f} s)" + ("" if tuned.reached else "  [target not reached on calibration]"))
         if "importance_kls" in vars(tuner):  # computed (cached) by a GMLG method
             result.importance["W4A16" if label == W4A16_METHOD else "fp32"] = {
                 "modalities": tuner.session.modalities, "kl": tuner.importance_kls, "alpha": tuner.gmlg_alpha}
@@ -176,6 +194,21 @@ def rank_agreement(result: Result) -> list[ranking.Agreement]:
         rows = [r for r in result.rows if r.target == target and r.method != W4A16_METHOD]
         if len(rows) > 1:
             out.append(ranking.agreement(target, [r.calib_kl for r in rows], [r.accuracy for r in rows], noise))
+    return out
+
+
+def compare_with_default(result: Result, hits: dict[tuple[str, float], list[bool]]) -> list[dict]:
+    """Per target where the default ``modes`` ran: its accuracy minus every other method's (points,
+    same test questions) with the gap's paired noise (points, :func:`ranking.paired_noise`) and
+    whether the gap exceeds it."""
+    out = []
+    for row in result.rows:
+        default = hits.get(("modes", row.target))
+        if row.method == "modes" or (row.method, row.target) not in hits or default is None:
+            continue
+        gap = 100 * (sum(default) - sum(hits[(row.method, row.target)])) / len(default)
+        noise = 100 * ranking.paired_noise(default, hits[(row.method, row.target)])
+        out.append(dict(target=row.target, method=row.method, gap=gap, noise=noise, beyond_noise=gap > noise))
     return out
 
 
@@ -210,6 +243,12 @@ def format_table(result: Result) -> str:
              *([] if result.w4a16_skipped is None else [f"W4A16 rows not run: {result.w4a16_skipped}."]),
              "", "Retention (% of dense accuracy) [accuracy %, measured test skip]:", "", *table(overall),
              "", "Retention on vision / text questions (% of dense on the same questions):", "", *table(by_modality)]
+    for method in methods:
+        chosen = [(r.target, r.details["gamma"], r.details["gammas"]) for r in result.rows if r.method == method and "gamma" in r.details]
+        if chosen:
+            tried = ", ".join(f"{g:g}" for g in chosen[0][2])
+            lines += ["", f"γ chosen by `{method}` (α ∝ KL^γ, lowest calibration KL among γ ∈ {{{tried}}}): "
+                          + ", ".join(f"{100 * t:.0f}% → {g:g}" for t, g, _ in chosen) + "."]
     for name, stats in result.importance.items():
         lines += ["", f"GMLG on the {name} model: KL of removing a layer's routed experts for one modality's tokens (nats) → α:", ""]
         lines += [f"- {m}: " + ", ".join(f"layer {l} {kl[i]:.4f} → {a[i]:.3f}" for l, (kl, a) in enumerate(zip(stats["kl"], stats["alpha"])))
@@ -222,6 +261,12 @@ def format_table(result: Result) -> str:
                   "| target | schedules | Kendall τ-b | discordant / pairs | beyond noise |", "|---|---|---|---|---|"]
         lines += [f"| {100 * a['target']:.0f}% | {a['schedules']} | {a['kendall_tau']:.2f} | {a['discordant']} / {a['pairs']} | {a['decisive']} |"
                   for a in result.agreement]
+    if result.comparisons:
+        lines += ["", "Default MoDES minus each method, same test questions (accuracy points; paired noise: two standard errors "
+                      "of the per-question difference; ahead: gap > noise):", "",
+                  "| target | method | gap | paired noise | ahead |", "|---|---|---|---|---|"]
+        lines += [f"| {100 * c['target']:.0f}% | {c['method']} | {c['gap']:+.2f} | {c['noise']:.2f} | {'yes' if c['beyond_noise'] else 'no'} |"
+                  for c in result.comparisons]
     if any(not r.reached for r in result.rows):
         lines += ["", "† the method could not reach the target skip ratio on the calibration split (closest value shown)."]
     return "\n".join(lines)

@@ -59,6 +59,21 @@ def sampling_noise(accuracy: float, questions: int) -> float:
     return 2 * math.sqrt(2 * accuracy * (1 - accuracy) / questions)
 
 
+def paired_noise(hits_a: Sequence[bool], hits_b: Sequence[bool]) -> float:
+    """Two standard errors of the accuracy gap between two schedules that answered the same
+    questions (``hits_*``: correct or not, per question, same order): the standard error of the
+    mean of the per-question differences (−1, 0, 1). Questions both answer alike do not count
+    as noise, so this is the right yardstick for comparing two methods on one test split;
+    0 when they agree on every question."""
+    if len(hits_a) != len(hits_b) or len(hits_a) < 2:
+        raise ValueError(f"need two equally long answer lists of ≥ 2 questions, got {len(hits_a)} and {len(hits_b)}")
+    n = len(hits_a)
+    diffs = [int(a) - int(b) for a, b in zip(hits_a, hits_b)]
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return 2 * math.sqrt(variance / n)
+
+
 def agreement(target: float, kl: Sequence[float], accuracy: Sequence[float], noise: float) -> Agreement:
     """:class:`Agreement` of schedules with calibration ``kl`` and test ``accuracy`` (same order)."""
     pairs = discordant = decisive = 0

@@ -30,6 +30,7 @@ class Accuracy:
 
     correct: Counter = field(default_factory=Counter)
     total: Counter = field(default_factory=Counter)
+    hits: list[bool] = field(default_factory=list, repr=False)  # per question, in the order of the batches
     task: object = field(default=data, repr=False, compare=False)
 
     def _ratio(self, types: Sequence[str]) -> float:
@@ -74,6 +75,7 @@ def accuracy(model: Callable, batches: Sequence[data.Batch], progress: bool = Fa
         for qtype, hit in zip(batch.question_types, hits.tolist()):
             result.total[qtype] += 1
             result.correct[qtype] += hit
+            result.hits.append(hit)
     return result
 
 
