@@ -59,7 +59,7 @@ def test_accuracy_benchmark_rows_statistics_and_outputs(tmp_path):
 
 
 def test_w4a16_rows_a_model_cannot_hold_are_reported_not_run():
-    """The grids model's experts are 16 wide, which torchao's CPU int4 kernel cannot group: the
+    """The grids model's experts are 32 wide, which torchao's CPU int4 kernel cannot group: the
     benchmark says so up front and still measures the fp32 rows."""
     lines = []
     result = benchmark.run(quick=True, model_name="grids", echo=lines.append, progress=False, methods=("top_k",), targets=(0.5,),

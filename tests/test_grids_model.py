@@ -1,5 +1,5 @@
 """The grids benchmark model (issue 14's second model): a real Qwen3-VL-MoE in the paper's regime
-(≥ 8 MoE layers, 64 experts top-8, ≤ 25 MB), its shipped checkpoint reaching the accuracy the
+(≥ 8 MoE layers, 32 experts top-8, ≤ 25 MB), its shipped checkpoint reaching the accuracy the
 benchmark needs with experts that are not interchangeable, and ``model.load`` naming the
 training command for a folder without a checkpoint."""
 import pytest
@@ -10,9 +10,9 @@ from modes_fx.harness.grids import model as grids_model
 from modes_fx.harness.testing import experts_modules
 
 LIMIT = 512  # a seeded-shuffled prefix of the test split: a representative sample (docs/grids.md has the full split)
-# top-1 routing (renormalised) costs 2.1 points on the whole test split: less than the 8 issue 14
-# asked for (docs/grids.md says why); the test pins that it costs something at all
-TOP1_COST = 0.01
+# top-1 routing (renormalised) costs 4.3 points on the whole test split (6.6 on this prefix): less
+# than the 8 issue 14 asked for (docs/grids.md says why); the test pins that it costs several
+TOP1_COST = 0.04
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_configured_model_is_a_real_moe_vlm_in_the_papers_regime():
     assert type(model).__name__ == "Qwen3VLMoeForConditionalGeneration"
     text = model.config.text_config
     assert len(experts_modules(model)) == text.num_hidden_layers >= 8 and text.decoder_sparse_step == 1
-    assert (text.num_experts, text.num_experts_per_tok) == (64, 8)
+    assert (text.num_experts, text.num_experts_per_tok) == (32, 8)
     assert model.config.vision_config.patch_size == data.PATCH_SIZE
     assert sum(p.numel() * p.element_size() for p in model.parameters()) <= 25 * 2**20
 

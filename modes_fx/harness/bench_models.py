@@ -42,7 +42,7 @@ def _grids() -> BenchmarkModel:
     from modes_fx.harness.grids import data, evaluate, model
 
     return BenchmarkModel(
-        "grids", "grids VLM: 8 MoE layers, 64 experts top-8, a 4×4 grid of digits (16 image tokens) per vision question",
+        "grids", "grids VLM: 8 MoE layers, 32 experts top-8, a 4×4 grid of digits (16 image tokens) per vision question",
         model.load, data.split_batches, data.calibration_data, evaluate.accuracy, data.VOCAB,
         lambda question: None if question.grid is None else data.ascii_grid(question.grid),
     )

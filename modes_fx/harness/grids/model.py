@@ -1,5 +1,5 @@
 """The grids benchmark model: a tiny ``Qwen3VLMoeForConditionalGeneration`` (real vision tower,
-8 MoE decoder layers of 16 experts, top-4) and the committed trained checkpoint."""
+8 MoE decoder layers of 32 experts 32 wide, top-8) and the committed trained checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +14,9 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "assets" / "grids_vlm"
 
 HIDDEN = 128
 NUM_LAYERS = 8
-NUM_EXPERTS = 64
+NUM_EXPERTS = 32
 TOP_K = 8
-MOE_INTERMEDIATE = 16
+MOE_INTERMEDIATE = 32
 HEAD_DIM = 32
 # M-RoPE base: small, so that neighbouring grid rows / columns (offsets 1-3) rotate by sizeable angles
 # (at 10000 the best height/width frequency turns 0.56 rad per cell, most turn almost nothing)
