@@ -251,7 +251,7 @@ def format_table(result: Result) -> str:
                           + ", ".join(f"{100 * t:.0f}% → {g:g}" for t, g, _ in chosen) + "."]
     for name, stats in result.importance.items():
         lines += ["", f"GMLG on the {name} model: KL of removing a layer's routed experts for one modality's tokens (nats) → α:", ""]
-        lines += [f"- {m}: " + ", ".join(f"layer {l} {kl[i]:.4f} → {a[i]:.3f}" for l, (kl, a) in enumerate(zip(stats["kl"], stats["alpha"])))
+        lines += [f"- {m}: " + ", ".join(f"layer {l} {kl[i]:.3g} → {a[i]:.3f}" for l, (kl, a) in enumerate(zip(stats["kl"], stats["alpha"])))
                   for i, m in enumerate(stats["modalities"])]
     if result.agreement:
         noise = result.agreement[0]["noise"]
