@@ -47,6 +47,7 @@ def test_quick_demo_calibrates_skips_and_reports():
     assert 0.0 <= result.modes_accuracy <= 1.0 and result.dense_accuracy > 0.9
     assert result.prefill_speedup > 0 and result.decode_speedup > 0
     assert "| MoDES |" in out and "| dense |" in out and "Q: " in out
+    assert f"modes bench accuracy --model {demo.DEMO_MODEL}" in out  # the benchmark of the model it ran
     assert f"{result.sites_rewritten} site rewrite(s), 0 left untouched" in out  # the backend report it printed
 
 

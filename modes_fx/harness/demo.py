@@ -160,6 +160,6 @@ def run(quick: bool = False, inner: str = "eager", echo=print, model_name: str =
     echo(f"| MoDES | {100 * skipped.overall:.2f}% | {100 * skipped.overall / dense.overall:.2f}% | {stats.skip_ratio:.3f} "
          f"(text {stats.by_modality.get('text', 0):.3f}, vision {stats.by_modality.get('vision', 0):.3f}) |")
     seconds = time.perf_counter() - start
-    echo(f"\ndone in {seconds:.0f} s; the full comparison with every baseline: modes bench accuracy")
+    echo(f"\ndone in {seconds:.0f} s; the full comparison with every baseline: modes bench accuracy --model {bench.name}")
     return DemoResult(dense.overall, skipped.overall, top1_acc.overall, stats.skip_ratio, stats.by_modality,
                       rewrites, prefill_x, decode_x, seconds)
