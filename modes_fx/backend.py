@@ -26,8 +26,7 @@ from modes_fx.report import GraphReport, Report
 log = logging.getLogger("modes_fx")
 _REPORT = Report()
 _MODEL_REPORTS: weakref.WeakKeyDictionary[torch.nn.Module, Report] = weakref.WeakKeyDictionary()
-_OPTIONS = ("inner", "schedule")
-PASSES = (RewriteMaskedDispatch, RewriteSentinelRouting)
+_OPTIONS = ("inner", "schedule", "dispatch")
 
 
 def last_report(model: torch.nn.Module | None = None) -> Report:
@@ -147,7 +146,7 @@ def modes_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | 
     schedule = options.get("schedule")
     _attach_when_needed(None if schedule is None else as_schedule(schedule), example_inputs)
     report = GraphReport(index=_REPORT.compiled, num_nodes=len(gm.graph.nodes), inner=inner)
-    current, models = _rewritten(gm, example_inputs, report)
+    current, models = _rewritten(gm, example_inputs, report, options.get("dispatch", "auto"))
     _REPORT.add(report)
     for model in models:
         _MODEL_REPORTS.setdefault(model, Report()).add(report)
@@ -161,7 +160,7 @@ def modes_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | 
 
 
 def _rewritten(
-    gm: fx.GraphModule, example_inputs: Sequence, report: GraphReport
+    gm: fx.GraphModule, example_inputs: Sequence, report: GraphReport, dispatch: str = "auto"
 ) -> tuple[fx.GraphModule, list[torch.nn.Module]]:
     """``gm`` with its MoE sites rewritten by every pass, recorded in ``report`` (``gm`` itself
     when nothing was rewritten), and the attached models whose weights the graph receives when
@@ -171,8 +170,8 @@ def _rewritten(
     matches = match_moe_sites(copy.graph)
     report.unsupported += matches.unsupported  # routing the passes cannot take
     roles = placeholder_roles(copy.graph, example_inputs) if matches.sites else {}
-    for pass_cls in PASSES:
-        rewrites, unsupported = pass_cls(roles.get).apply(copy.graph, matches)
+    for site_pass in (RewriteMaskedDispatch(roles.get, dispatch), RewriteSentinelRouting(roles.get)):
+        rewrites, unsupported = site_pass.apply(copy.graph, matches)
         report.rewrites += rewrites
         report.unsupported += unsupported
     if not report.rewrites:

@@ -24,7 +24,8 @@ class GraphReport:
         for r in self.rewrites:
             s = r.site
             out.append(
-                f"  {r.action:<16s} site {s.index} {s.path}  router={s.router_kind} dispatch={r.dispatch} "
+                f"  {r.action:<16s} site {s.index} {s.path}  router={s.router_kind} dispatch={r.dispatch}"
+                f"{f' kernel={r.kernel}' if r.kernel else ''} "
                 f"k={s.top_k} E={s.num_experts}  (graph module {r.module})"
             )
         out += [f"  untouched        {u.where}: {u.reason}" for u in self.unsupported]

@@ -9,8 +9,11 @@ def test_gpu_bench_runs_on_the_tiny_cpu_config(tmp_path, capsys):
     assert gpu_bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "gpu.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows) == ["dense", "modes tau=0", "modes skip=88%"]
-    assert rows["modes tau=0"]["prefill_skip"] == 0.0 and abs(rows["modes skip=88%"]["prefill_skip"] - 0.88) <= 0.01
+    assert list(rows) == ["dense", "modes tau=0", "modes tau=0 (op)", "modes skip=88%", "modes skip=88% (op)"]
+    assert rows["modes tau=0"]["prefill_skip"] == rows["modes tau=0 (op)"]["prefill_skip"] == 0.0
+    assert abs(rows["modes skip=88%"]["prefill_skip"] - 0.88) <= 0.01
+    assert rows["modes skip=88% (op)"]["prefill_skip"] == rows["modes skip=88%"]["prefill_skip"]
+    assert {c["tokens"] for c in result["kernel"]["check"]} == {1, 4, 33, 512}
     assert all(r["prefill_ms"] > 0 and r["decode_ms"] > 0 for r in rows.values())
     assert "device: cpu" in capsys.readouterr().out
 

@@ -10,8 +10,14 @@ uniform threshold per phase solved so that ``track()`` reads 88%). On CUDA the o
 device-side kernel (``kernels/grouped.py``: no host sync in the dispatch). Prints the table with
 the card's name and writes ``gpu.json``.
 
+Before the model it checks the kernel the op runs on the device against the reference kernel
+(:func:`check_kernel`: random routings at the 30B shapes and small ones, every keep fraction)
+and times it against the fast kernel, whose per-call host sync it replaces
+(:func:`time_kernels`); both go into ``gpu.json``.
+
 ``--device cpu --quick`` runs the same code on the tiny CPU config (what the test suite does, so
-the script cannot rot); its figures mean nothing.
+the script cannot rot); its figures mean nothing. ``--quick`` computes in fp32 on CPU and bf16 on
+CUDA (``torch._grouped_mm``'s fast path is bf16).
 """
 from __future__ import annotations
 
@@ -26,6 +32,9 @@ from pathlib import Path
 import torch
 
 from modes_fx.harness import speed_bench
+from modes_fx.kernels.fast import masked_experts_fast
+from modes_fx.kernels.grouped import masked_experts_grouped, supports
+from modes_fx.kernels.reference import masked_experts_reference
 
 GPU_30B = speed_bench.BenchConfig(2048, 4, 128, 8, 768, 32, 4, 128, 1536, 512, 64, 5, "inductor")
 SKIP = 0.88
@@ -45,24 +54,95 @@ def _timed_ms(fn, device: torch.device, *args):
     return result, (time.perf_counter() - start) * 1e3
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _experts(cfg: speed_bench.BenchConfig, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random expert weights gate_up ``[E, 2I, H]`` and down ``[E, H, I]`` at ``cfg``'s shapes."""
+    g = torch.Generator(device).manual_seed(0)
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate
+    gate_up = torch.randn(e, 2 * i, h, generator=g, device=device) / h**0.5
+    down = torch.randn(e, h, i, generator=g, device=device) / i**0.5
+    return gate_up.to(dtype), down.to(dtype)
+
+
+def _routing(tokens: int, cfg: speed_bench.BenchConfig, keep_fraction: float, experts, seed: int) -> list:
+    """Arguments of the masked experts op for ``tokens`` random tokens routed over ``experts``
+    (softmax top-k), a random keep mask with ``keep_fraction`` of the pairs kept."""
+    gate_up, down = experts
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, cfg.hidden_size, generator=g)
+    weights, index = torch.randn(tokens, cfg.num_experts, generator=g).softmax(-1).topk(cfg.top_k, dim=-1)
+    keep = torch.rand(tokens, cfg.top_k, generator=g) < keep_fraction
+    routing = [t.to(gate_up.device) for t in (hidden.to(gate_up.dtype), index, weights, keep)]
+    return [*routing, gate_up, down]
+
+
+def check_kernel(cfg: speed_bench.BenchConfig, device: torch.device, dtype: torch.dtype, echo=print) -> list[dict]:
+    """The device-side kernel against the reference kernel on ``device``: max |difference| over
+    max |reference| for T in {1, 4, 33, 512} tokens and keep fractions 0, 0.12, 0.5, 1; raises
+    when a case is off by more than the dtype's tolerance (1e-5 fp32, 2e-2 bf16)."""
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    rows, experts = [], _experts(cfg, device, dtype)
+    for tokens in (1, 4, 33, 512):
+        for fraction in (0.0, 0.12, 0.5, 1.0):
+            args = _routing(tokens, cfg, fraction, experts, seed=tokens * 100 + int(fraction * 100))
+            if not supports(args[0], args[4], args[5]):
+                raise RuntimeError(f"the grouped kernel does not support {dtype} at H={cfg.hidden_size}, I={cfg.moe_intermediate}")
+            got = masked_experts_grouped(*args, "silu").float()
+            expected = masked_experts_reference(*args, "silu").float()
+            scale = max(expected.abs().max().item(), 1e-6)
+            error = (got - expected).abs().max().item() / scale
+            rows.append({"tokens": tokens, "keep": fraction, "relative_error": error, "finite": bool(torch.isfinite(got).all())})
+            if error > tolerance or not rows[-1]["finite"]:
+                raise RuntimeError(f"grouped kernel off the reference: {rows[-1]}")
+    echo(f"kernel check ({dtype}, {len(rows)} cases): grouped = reference within {tolerance:g} "
+         f"(worst {max(r['relative_error'] for r in rows):.2e} of the output's scale)")
+    return rows
+
+
+def time_kernels(cfg: speed_bench.BenchConfig, device: torch.device, dtype: torch.dtype, echo=print, reps: int = 20) -> list[dict]:
+    """Milliseconds per call (median of ``reps`` after warm-up, device synchronised) of the
+    grouped kernel and the fast kernel (its per-call host sync included) for T in {1, 16, 2048}
+    tokens with every pair or 12% of them kept."""
+    rows, experts = [], _experts(cfg, device, dtype)
+    for tokens in (1, 16, 2048):
+        for fraction in (1.0, 0.12):
+            args = _routing(tokens, cfg, fraction, experts, seed=tokens)
+            row = {"tokens": tokens, "keep": fraction}
+            for name, kernel in (("grouped_ms", masked_experts_grouped), ("fast_ms", masked_experts_fast)):
+                for _ in range(3):
+                    kernel(*args, "silu")
+                row[name] = statistics.median(_timed_ms(kernel, device, *args, "silu")[1] for _ in range(reps))
+            rows.append(row)
+            echo(f"  kernel T={tokens:<5} keep {fraction:.2f}: grouped {row['grouped_ms']:.3f} ms, fast {row['fast_ms']:.3f} ms")
+    return rows
+
+
 def run(cfg: speed_bench.BenchConfig, device: torch.device, dtype: torch.dtype, echo=print) -> dict:
-    """Time dense / modes τ=0 / modes at SKIP on ``device``; returns the rows (ms, ratios to dense)."""
+    """Time dense / modes τ=0 / modes at SKIP on ``device``, the modes rows with the backend's
+default dispatch and with ``dispatch="op"``; returns the rows (ms, ratios to dense)."""
     import modes_fx
 
     torch._dynamo.reset()
     model = speed_bench.build_model(cfg).to(device=device, dtype=dtype)
     runner = speed_bench.Runner(model, cfg)
     runner.ids = runner.ids.to(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    name = _device_name(device)
     echo(f"device: {name}; {cfg}")
-    variants = [speed_bench.Variant("dense", "dense"), speed_bench.Variant("modes tau=0", "modes")]
+    # "modes": the backend's default dispatch (on CUDA the device-side kernel inlined into the
+    # graph); "modes_op": the opaque op, whose kernel runs eagerly at every call
+    runner.impls["modes_op"] = torch.compile(model._call_impl, backend="modes", options={"inner": cfg.compiler, "dispatch": "op"})
+    variants = [speed_bench.Variant("dense", "dense"), speed_bench.Variant("modes tau=0", "modes"), speed_bench.Variant("modes tau=0 (op)", "modes_op")]
     with torch.no_grad():
         for v in variants:
             runner.use(v.impl)
             _, ms = _timed_ms(lambda: runner.decode(*runner.prefill()), device)
             echo(f"  warm-up {v.name}: {ms / 1e3:.1f} s (includes compilation)")
         runner.check_every_site_rewritten()
-        variants.append(speed_bench.calibrate(runner, SKIP, echo))
+        skipping = speed_bench.calibrate(runner, SKIP, echo)
+        variants += [skipping, replace(skipping, name=f"{skipping.name} (op)", impl="modes_op")]
         samples = {v.name: {"prefill": [], "decode": []} for v in variants}
         for _ in range(cfg.reps):
             for v in variants:
@@ -78,20 +158,20 @@ def run(cfg: speed_bench.BenchConfig, device: torch.device, dtype: torch.dtype, 
             runner.use(v.impl, v.prefill_threshold)
             with modes_fx.track() as stats:
                 past, token = runner.prefill()
-            v.prefill_skip = stats.skip_ratio if v.impl == "modes" else 0.0
+            v.prefill_skip = stats.skip_ratio if v.impl != "dense" else 0.0
             runner.use(v.impl, v.decode_threshold)
             with modes_fx.track() as stats:
                 runner.decode(past, token)
-            v.decode_skip = stats.skip_ratio if v.impl == "modes" else 0.0
+            v.decode_skip = stats.skip_ratio if v.impl != "dense" else 0.0
     runner.close()
     dense = variants[0]
     rows = [
         {**asdict(v), "prefill_x_dense": dense.prefill_ms / v.prefill_ms, "decode_x_dense": dense.decode_ms / v.decode_ms}
         for v in variants
     ]
-    echo(f"{'variant':<16}{'skip p/d':>14}{'prefill ms':>12}{'x dense':>9}{'decode ms':>11}{'x dense':>9}")
+    echo(f"{'variant':<22}{'skip p/d':>14}{'prefill ms':>12}{'x dense':>9}{'decode ms':>11}{'x dense':>9}")
     for r in rows:
-        echo(f"{r['name']:<16}{r['prefill_skip']:>7.3f}/{r['decode_skip']:<6.3f}{r['prefill_ms']:>12.2f}"
+        echo(f"{r['name']:<22}{r['prefill_skip']:>7.3f}/{r['decode_skip']:<6.3f}{r['prefill_ms']:>12.2f}"
              f"{r['prefill_x_dense']:>9.2f}{r['decode_ms']:>11.2f}{r['decode_x_dense']:>9.2f}")
     return {"device": name, "dtype": str(dtype), "config": asdict(cfg), "torch": torch.__version__, "rows": rows}
 
@@ -110,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = speed_bench.QUICK if args.quick else GPU_30B
     if args.layers is not None:
         cfg = replace(cfg, num_layers=args.layers)
-    result = run(cfg, device, torch.float32 if args.quick else torch.bfloat16)
+    dtype = torch.float32 if args.quick and device.type == "cpu" else torch.bfloat16
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {_device_name(device)}, {dtype}")
+    kernel = {"check": check_kernel(cfg, device, dtype), "timings": time_kernels(cfg, device, dtype)}
+    result = {**run(cfg, device, dtype), "kernel": kernel}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out / 'gpu.json'}")

@@ -260,11 +260,11 @@ class Runner:
     def use(self, impl: str, threshold: float = 0.0) -> None:
         """Select the compiled callable and set every site's threshold (score units) to one value.
         The eager and dense variants are baselines that run the attached model dense on purpose
-        (``modes_fx.running_dense``)."""
+        (``modes_fx.running_dense``); every ``impl`` named ``modes...`` skips."""
         import modes_fx
 
         self._dense.close()
-        if impl != "modes":
+        if not impl.startswith("modes"):
             self._dense.enter_context(modes_fx.running_dense(self.model))
         set_compiled_forward(self.model, self.impls[impl])
         table = torch.full_like(self.state.thresholds, threshold)

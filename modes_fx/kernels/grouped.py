@@ -22,6 +22,12 @@ breaks CUDA graphs. Here everything stays on the device, with T tokens, k slots 
 (``supports``); ``modes_fx.ops`` runs this kernel for CUDA tensors that it supports and the fast
 kernel otherwise. On CPU it runs too (that is how the tests check it exactly against the
 reference), but the fast kernel is the faster one there.
+
+Because it is made of aten ops with static shapes, the ``modes`` backend can also put this
+function itself into the graph instead of the opaque op (``traceable``: bf16 weights, the only
+dtype ``torch._grouped_mm``'s meta function accepts): inductor then compiles the grouping and
+glue with the rest of the layer rather than running them eagerly, op by op, at every call
+(``passes/rewrite_masked_dispatch.py``; the default on CUDA).
 """
 from __future__ import annotations
 
@@ -42,6 +48,13 @@ def supports(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.
     size = gate_up_proj.element_size()
     hidden_size, intermediate = down_proj.shape[1], down_proj.shape[2]
     return (hidden_size * size) % _ALIGN_BYTES == 0 and (intermediate * size) % _ALIGN_BYTES == 0
+
+
+def traceable(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
+    """Whether :func:`masked_experts_grouped` can be traced into a compiled graph for these
+    weights: :func:`supports` them, in bf16 (``torch._grouped_mm``'s meta function takes bf16
+    only; eager CPU / CUDA kernels take other float dtypes)."""
+    return gate_up_proj.dtype == torch.bfloat16 and supports(gate_up_proj, gate_up_proj, down_proj)
 
 
 def masked_experts_grouped(

@@ -28,6 +28,7 @@ class Rewrite:
     module: str  # the module path as the graph names it (e.g. "L['self'].model.layers.0.mlp.experts")
     action: str  # "masked_dispatch" | "sentinel_routing"
     dispatch: str  # "grouped_mm" | "batched_mm" | "other" | "python loop (eager)"
+    kernel: str = ""  # masked_dispatch: "modes::masked_experts" | "inline grouped_mm"
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
