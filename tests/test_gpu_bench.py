@@ -6,7 +6,8 @@ from modes_fx.harness import gpu_bench
 
 
 def test_gpu_bench_runs_on_the_tiny_cpu_config(tmp_path, capsys):
-    assert gpu_bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    assert gpu_bench.main(["--device", "cpu", "--quick", "--profile", "--out", str(tmp_path)]) == 0
+    assert "modes::route_mask" in (tmp_path / "profile-modes-skip-88-.txt").read_text()
     result = json.loads((tmp_path / "gpu.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == ["dense", "modes tau=0", "modes tau=0 (op)", "modes skip=88%", "modes skip=88% (op)"]

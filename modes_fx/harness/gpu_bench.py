@@ -120,7 +120,26 @@ def time_kernels(cfg: speed_bench.BenchConfig, device: torch.device, dtype: torc
     return rows
 
 
-def run(cfg: speed_bench.BenchConfig, device: torch.device, dtype: torch.dtype, echo=print) -> dict:
+def _profile_decodes(runner, variants, device: torch.device, out_dir: Path) -> None:
+    """One torch.profiler table (top 30 ops by self device time, else self CPU time) per
+    variant's decode, written to ``out_dir/profile-<variant>.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for v in variants:
+        runner.use(v.impl, v.prefill_threshold)
+        past, token = runner.prefill()
+        runner.use(v.impl, v.decode_threshold)
+        _sync(device)
+        with profile(activities=activities) as prof:
+            runner.decode(past, token)
+            _sync(device)
+        name = "".join(c if c.isalnum() else "-" for c in v.name)
+        (out_dir / f"profile-{name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+
+
+def run(cfg: speed_bench.BenchConfig, device: torch.device, dtype: torch.dtype, echo=print, profile_dir: Path | None = None) -> dict:
     """Time dense / modes τ=0 / modes at SKIP on ``device``, the modes rows with the backend's
 default dispatch and with ``dispatch="op"``; returns the rows (ms, ratios to dense)."""
     import modes_fx
@@ -163,6 +182,9 @@ default dispatch and with ``dispatch="op"``; returns the rows (ms, ratios to den
             with modes_fx.track() as stats:
                 runner.decode(past, token)
             v.decode_skip = stats.skip_ratio if v.impl != "dense" else 0.0
+        if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            _profile_decodes(runner, variants, device, profile_dir)
     runner.close()
     dense = variants[0]
     rows = [
@@ -182,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick: a smoke test)")
     p.add_argument("--quick", action="store_true", help="the tiny CPU config of `modes bench speed --quick`, fp32")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4)")
+    p.add_argument("--profile", action="store_true", help="also write a torch.profiler table of each variant's decode into --out")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -195,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {_device_name(device)}, {dtype}")
     kernel = {"check": check_kernel(cfg, device, dtype), "timings": time_kernels(cfg, device, dtype)}
-    result = {**run(cfg, device, dtype), "kernel": kernel}
+    result = {**run(cfg, device, dtype, profile_dir=args.out if args.profile else None), "kernel": kernel}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out / 'gpu.json'}")
