@@ -28,12 +28,18 @@ from modes_fx.kernels.grouped import masked_experts_grouped, supports
 
 __all__ = ["masked_experts", "route_mask"]
 
+# Both ops are tagged cudagraph_unsafe: route_mask reads Python state (thresholds, the call's
+# modality ids) that a CUDA graph replay would freeze at its capture, and masked_experts' CPU
+# kernel reads counts on the host. Inductor's graph partitioning runs them outside the CUDA
+# graphs of mode="reduce-overhead" (or skips CUDA graphs for the graph) instead of replaying them.
+CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,)
 _LIB = torch.library.Library("modes", "DEF")  # noqa: TOR901  (kept alive for the process)
 _LIB.define(
     "masked_experts(Tensor hidden, Tensor top_k_index, Tensor top_k_weights, Tensor keep, "
-    "Tensor gate_up_proj, Tensor down_proj, str activation) -> Tensor"
+    "Tensor gate_up_proj, Tensor down_proj, str activation) -> Tensor",
+    tags=CUDAGRAPH_UNSAFE,
 )
-_LIB.define("route_mask(Tensor scores, Tensor router_weight) -> Tensor")
+_LIB.define("route_mask(Tensor scores, Tensor router_weight) -> Tensor", tags=CUDAGRAPH_UNSAFE)
 
 
 def _raise_unless(condition: bool, message) -> None:

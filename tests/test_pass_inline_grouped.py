@@ -100,3 +100,20 @@ def test_the_inlined_function_traces_through_aot_autograd_and_stays_exact(seed, 
     got = compiled(*args, "silu")
     expected = masked_experts_reference(*args, "silu")
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_modes_ops_are_kept_out_of_cuda_graphs(bf16):
+    """mode="reduce-overhead" must not replay route_mask (its thresholds and modality ids are
+    read in Python per call) nor the op's host-syncing kernel: inductor's own test for what it
+    partitions out of CUDA graphs says so for every modes node of a rewritten graph, and not for
+    the inlined kernel's aten ops."""
+    from torch._inductor.utils import is_cudagraph_unsafe_fx_node
+
+    import modes_fx.quant.int4_experts  # noqa: F401  (registers modes::masked_experts_int4)
+
+    _, graph = bf16
+    for dispatch, unsafe in (("op", 2 * LAYERS), ("inline", LAYERS)):
+        gm = RewriteMaskedDispatch(graph.resolve, dispatch)(graph.gm).graph_module
+        modes_nodes = [n for n in gm.graph.nodes if str(n.target).startswith("modes.")]
+        assert sum(map(is_cudagraph_unsafe_fx_node, gm.graph.nodes)) == unsafe == len(modes_nodes)
+    assert torch.Tag.cudagraph_unsafe in torch.ops.modes.masked_experts_int4.default.tags

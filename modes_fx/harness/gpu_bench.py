@@ -139,9 +139,13 @@ def _profile_decodes(runner, variants, device: torch.device, out_dir: Path) -> N
         (out_dir / f"profile-{name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
 
 
-def run(cfg: speed_bench.BenchConfig, device: torch.device, dtype: torch.dtype, echo=print, profile_dir: Path | None = None) -> dict:
+def run(cfg: speed_bench.BenchConfig, device: torch.device, dtype: torch.dtype, echo=print,
+        profile_dir: Path | None = None, cudagraphs: bool = False) -> dict:
     """Time dense / modes τ=0 / modes at SKIP on ``device``, the modes rows with the backend's
-default dispatch and with ``dispatch="op"``; returns the rows (ms, ratios to dense)."""
+    default dispatch and with ``dispatch="op"``, and with ``cudagraphs`` dense and modes under
+    ``mode="reduce-overhead"`` (CUDA graphs; the modes ops run between them); returns the rows
+    (ms, ratios to dense). A CUDA-graph variant that fails to compile or run is reported and
+    left out."""
     import modes_fx
 
     torch._dynamo.reset()
@@ -154,14 +158,27 @@ default dispatch and with ``dispatch="op"``; returns the rows (ms, ratios to den
     # graph); "modes_op": the opaque op, whose kernel runs eagerly at every call
     runner.impls["modes_op"] = torch.compile(model._call_impl, backend="modes", options={"inner": cfg.compiler, "dispatch": "op"})
     variants = [speed_bench.Variant("dense", "dense"), speed_bench.Variant("modes tau=0", "modes"), speed_bench.Variant("modes tau=0 (op)", "modes_op")]
+    if cudagraphs:
+        runner.impls["dense_cg"] = torch.compile(model._call_impl, mode="reduce-overhead")
+        runner.impls["modes_cg"] = torch.compile(model._call_impl, backend="modes", mode="reduce-overhead")
+        variants += [speed_bench.Variant("dense (cudagraphs)", "dense_cg"), speed_bench.Variant("modes tau=0 (cudagraphs)", "modes_cg")]
     with torch.no_grad():
-        for v in variants:
+        for v in list(variants):
             runner.use(v.impl)
-            _, ms = _timed_ms(lambda: runner.decode(*runner.prefill()), device)
-            echo(f"  warm-up {v.name}: {ms / 1e3:.1f} s (includes compilation)")
+            try:  # CUDA graph trees record on a later call than the first
+                seconds = [_timed_ms(lambda: runner.decode(*runner.prefill()), device)[1] / 1e3 for _ in range(3 if v.impl.endswith("_cg") else 1)]
+            except Exception as error:  # noqa: BLE001  (only the optional CUDA-graph variants)
+                if not v.impl.endswith("_cg"):
+                    raise
+                echo(f"  {v.name}: left out, {type(error).__name__}: {str(error)[:300]}")
+                variants.remove(v)
+                continue
+            echo(f"  warm-up {v.name}: {' / '.join(f'{t:.1f}' for t in seconds)} s (the first includes compilation)")
         runner.check_every_site_rewritten()
         skipping = speed_bench.calibrate(runner, SKIP, echo)
         variants += [skipping, replace(skipping, name=f"{skipping.name} (op)", impl="modes_op")]
+        if any(v.impl == "modes_cg" for v in variants):
+            variants.append(replace(skipping, name=f"{skipping.name} (cudagraphs)", impl="modes_cg"))
         samples = {v.name: {"prefill": [], "decode": []} for v in variants}
         for _ in range(cfg.reps):
             for v in variants:
@@ -177,11 +194,11 @@ default dispatch and with ``dispatch="op"``; returns the rows (ms, ratios to den
             runner.use(v.impl, v.prefill_threshold)
             with modes_fx.track() as stats:
                 past, token = runner.prefill()
-            v.prefill_skip = stats.skip_ratio if v.impl != "dense" else 0.0
+            v.prefill_skip = stats.skip_ratio if v.impl.startswith("modes") else 0.0
             runner.use(v.impl, v.decode_threshold)
             with modes_fx.track() as stats:
                 runner.decode(past, token)
-            v.decode_skip = stats.skip_ratio if v.impl != "dense" else 0.0
+            v.decode_skip = stats.skip_ratio if v.impl.startswith("modes") else 0.0
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
             _profile_decodes(runner, variants, device, profile_dir)
@@ -191,9 +208,9 @@ default dispatch and with ``dispatch="op"``; returns the rows (ms, ratios to den
         {**asdict(v), "prefill_x_dense": dense.prefill_ms / v.prefill_ms, "decode_x_dense": dense.decode_ms / v.decode_ms}
         for v in variants
     ]
-    echo(f"{'variant':<22}{'skip p/d':>14}{'prefill ms':>12}{'x dense':>9}{'decode ms':>11}{'x dense':>9}")
+    echo(f"{'variant':<30}{'skip p/d':>14}{'prefill ms':>12}{'x dense':>9}{'decode ms':>11}{'x dense':>9}")
     for r in rows:
-        echo(f"{r['name']:<22}{r['prefill_skip']:>7.3f}/{r['decode_skip']:<6.3f}{r['prefill_ms']:>12.2f}"
+        echo(f"{r['name']:<30}{r['prefill_skip']:>7.3f}/{r['decode_skip']:<6.3f}{r['prefill_ms']:>12.2f}"
              f"{r['prefill_x_dense']:>9.2f}{r['decode_ms']:>11.2f}{r['decode_x_dense']:>9.2f}")
     return {"device": name, "dtype": str(dtype), "config": asdict(cfg), "torch": torch.__version__, "rows": rows}
 
@@ -205,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the tiny CPU config of `modes bench speed --quick`, fp32")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4)")
     p.add_argument("--profile", action="store_true", help="also write a torch.profiler table of each variant's decode into --out")
+    p.add_argument("--cudagraphs", action="store_true", help="also dense and modes under mode='reduce-overhead' (CUDA only)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -218,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {_device_name(device)}, {dtype}")
     kernel = {"check": check_kernel(cfg, device, dtype), "timings": time_kernels(cfg, device, dtype)}
-    result = {**run(cfg, device, dtype, profile_dir=args.out if args.profile else None), "kernel": kernel}
+    profile_dir = args.out if args.profile else None
+    result = {**run(cfg, device, dtype, profile_dir=profile_dir, cudagraphs=args.cudagraphs), "kernel": kernel}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out / 'gpu.json'}")

@@ -150,7 +150,7 @@ def _names(op: torch._ops.OpOverload) -> list[str]:
 
 
 _LIB = torch.library.Library("modes", "FRAGMENT")
-_LIB.define(f"masked_experts_int4{_int4_variant_schema(_MASKED_EXPERTS)}")
+_LIB.define(f"masked_experts_int4{_int4_variant_schema(_MASKED_EXPERTS)}", tags=ops.CUDAGRAPH_UNSAFE)
 _MASKED_EXPERTS_INT4 = torch.ops.modes.masked_experts_int4.default
 
 
