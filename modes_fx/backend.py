@@ -3,7 +3,9 @@
 Runs the passes on each graph Dynamo hands over (on one copy of it, matched once for all the
 passes), then the inner compiler (inductor by default, ``options={"inner": "eager"}`` for
 debugging). Registered through the ``torch_dynamo_backends`` entry point, so
-``backend="modes"`` resolves without importing modes_fx first.
+``backend="modes"`` resolves without importing modes_fx first. ``options={"dispatch": ...}``:
+``"auto"`` (default; the device-side kernel inlined into bf16 CUDA graphs), ``"inline"``,
+``"op"`` (see ``passes/rewrite_masked_dispatch.py``).
 """
 from __future__ import annotations
 

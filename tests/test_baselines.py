@@ -126,11 +126,18 @@ def test_each_method_builds_the_schedule_it_describes(tuner, tuned):
 
 def test_modes_is_never_worse_than_its_special_cases_on_calibration_kl(tuner, tuned):
     """γ = 0 (uniform α: dmt_without_gmlg) and γ = 1 (the paper's α: modes_paper) are candidates
-    of the default: within the same target window, its KL is the lowest of the three, and its
-    candidates' evaluations are shared with those methods (no extra passes for them)."""
+    of the default: it takes the γ with the lowest KL at exactly the target skip (each
+    candidate's frontier read there), and its candidates' evaluations are shared with those
+    methods (no extra passes for them)."""
     modes, dmt, paper = tuned["modes"], tuned["dmt_without_gmlg"], tuned["modes_paper"]
-    assert modes.kl <= dmt.kl and modes.kl <= paper.kl
-    assert modes.kl == min(dmt.kl, paper.kl, modes.kl)
+    at_target = dict(map(tuple, modes.schedule.calibration["kl_at_target"]))
+    chosen = modes.schedule.calibration["gamma"]
+    assert list(at_target) == list(GAMMAS)  # compared at exactly the target skip, γ = 0 and 1 included
+    assert at_target[chosen] == min(at_target.values())
+    if chosen == 0.0:
+        assert modes.knob == dmt.knob and modes.kl == dmt.kl  # the same schedule
+    if chosen == 1.0:
+        assert modes.knob == paper.knob and modes.kl == paper.kl
     assert paper.passes == 1  # tuned after modes (METHODS order): only its final measurement
     assert tuner.tempered_alpha(0.0) == [[0.5, 0.5], [0.5, 0.5]] and tuner.tempered_alpha(1.0) == tuner.gmlg_alpha
 

@@ -85,12 +85,17 @@ def test_search_reports_its_frontier_and_cost(schedule):
 
 
 def test_default_is_never_worse_than_uniform_or_the_papers_alpha(model, data, schedule, paper):
-    """γ = 0 (uniform α) and γ = 1 (the paper's) are candidates: the chosen KL is the lowest; the
-    paper's method is γ = 1 alone and equals the γ = 1 candidate."""
-    kls = {c["gamma"]: c["kl"] for c in schedule.calibration["candidates"]}
-    assert schedule.calibration["kl"] == min(kls.values()) and schedule.calibration["gamma"] in kls
+    """γ = 0 (uniform α) and γ = 1 (the paper's) are candidates: the chosen one has the lowest KL
+    at exactly the target skip on its evaluated frontier (so no lower than either special case
+    at the same skip); the paper's method is γ = 1 alone and equals the γ = 1 candidate."""
+    candidates = {c["gamma"]: c for c in schedule.calibration["candidates"]}
+    at_target = {g: c["kl_at_target"] for g, c in candidates.items()}
+    chosen = schedule.calibration["gamma"]
+    assert at_target[chosen] == min(at_target.values()) <= min(at_target[0.0], at_target[1.0])
+    assert schedule.calibration["kl"] == candidates[chosen]["kl"]
     assert paper.calibration["gamma"] == 1.0 and [c["gamma"] for c in paper.calibration["candidates"]] == [1.0]
-    assert paper.calibration["kl"] == kls[1.0] and schedule.calibration["kl"] <= paper.calibration["kl"]
+    assert paper.calibration["kl"] == candidates[1.0]["kl"]
+    assert paper.calibration["candidates"][0]["kl_at_target"] == at_target[1.0]
     with pytest.raises(ValueError, match="unknown calibration method 'best'"):
         calibrate(model, data, target_skip=TARGET, grid=GRID, progress=False, method="best")
 

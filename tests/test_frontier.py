@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modes_fx.calib.frontier import Evaluation, FrontierResult, frontier_search
+from modes_fx.calib.frontier import Evaluation, FrontierResult, frontier_search, kl_at_skip
 from modes_fx.calib.grids import PAPER_X_MAX, exp_tau, exp_x, tau_grid
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -394,3 +394,49 @@ def test_bad_grid_arguments(kwargs, shown):
 @given(x=st.floats(-0.5, 1.5))
 def test_exp_x_inverts_exp_tau(x):
     assert exp_x(exp_tau(x)) == pytest.approx(x, abs=1e-9)
+
+
+points = st.lists(
+    st.builds(lambda kl, skip: Evaluation((0.0,), kl, skip), st.floats(0, 5, allow_nan=False), st.floats(0, 1, allow_nan=False)),
+    min_size=1,
+    max_size=12,
+)
+
+
+@SETTINGS
+@given(evaluated=points, skips=st.lists(st.floats(0, 1, allow_nan=False), min_size=2, max_size=2))
+def test_kl_at_skip_reads_a_non_decreasing_lower_frontier(evaluated, skips):
+    """Between the cheapest point below and the cheapest point reaching it; non-decreasing in the
+    skip; inf beyond every point; a point's own KL where it is the cheapest at its skip."""
+    low, high = sorted(skips)
+    at_low, at_high = kl_at_skip(evaluated, low), kl_at_skip(evaluated, high)
+    assert at_low <= at_high + 1e-12
+    reach = [e.kl for e in evaluated if e.skip >= high]
+    if not reach:
+        assert at_high == math.inf
+        return
+    assert min(e.kl for e in evaluated) - 1e-12 <= at_high <= min(reach) + 1e-12
+    cheapest = min(evaluated, key=lambda e: (e.kl, -e.skip))
+    assert kl_at_skip(evaluated, cheapest.skip) == cheapest.kl
+
+
+def test_kl_at_skip_compares_searches_at_the_same_skip():
+    """The case of the digits benchmark at 88%: candidate A's best point reaches the target barely
+    (0.876, KL 0.0301), B's overshoots (0.885, 0.0305) but B costs less KL at exactly 0.876."""
+    a = [Evaluation((1.0,), 0.0250, 0.860), Evaluation((2.0,), 0.0301, 0.876)]
+    b = [Evaluation((1.0,), 0.0200, 0.860), Evaluation((2.0,), 0.0305, 0.885)]
+    assert min(e.kl for e in a if e.skip >= 0.876) < min(e.kl for e in b if e.skip >= 0.876)
+    assert kl_at_skip(b, 0.876) == pytest.approx(0.0200 + (0.876 - 0.860) / (0.885 - 0.860) * 0.0105)
+    assert kl_at_skip(b, 0.876) < kl_at_skip(a, 0.876) == 0.0301
+
+
+def test_calibrate_chooses_the_candidate_with_the_lowest_kl_at_the_target():
+    """``calibrate``'s choice among γ candidates: B (lower KL at exactly the target, best point
+    overshooting it) over A (lower best-point KL, barely reaching the target)."""
+    from modes_fx.calib.calibrate import _best_candidate
+
+    a = [Evaluation((1.0,), 0.0250, 0.860), Evaluation((2.0,), 0.0301, 0.876)]
+    b = [Evaluation((1.0,), 0.0200, 0.860), Evaluation((2.0,), 0.0305, 0.885)]
+    results = {g: FrontierResult(0.876, points[-1], True, points, "") for g, points in ((0.5, a), (0.0, b))}
+    candidates = [(g, f"alpha {g}", [], [r]) for g, r in results.items()]
+    assert _best_candidate(candidates, 0)[0] == 0.0

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ from modes_fx.schedule import Schedule
 
 from .calibrate import GridSpec, search_thresholds
 from .data import prepare
+from .frontier import kl_at_skip
 from .grids import exp_x
 from .importance import GAMMAS, importance_kls, normalise
 from .measure import Measurement
@@ -295,11 +297,12 @@ class BaselineTuner:
 
     def _tune_frontier(self, gammas: Sequence[float], target: float, details: dict) -> KnobSearch:
         """Frontier search of τ per modality for α tempered by each γ of ``gammas``, restricted to
-        the tolerance window (see the module docstring): the lowest-KL point within it over all
-        γ (the larger γ on a tie), else the point closest to the target. Evaluations are cached
-        per γ (shared by the methods); the chosen schedule is measured once more for its
-        per-modality skip."""
-        found = []  # (in window, KL or distance, -γ, point, α, evaluated)
+        the tolerance window (see the module docstring): of the γ with a point in the window,
+        the one whose evaluated frontier has the lowest KL at exactly the target
+        (``frontier.kl_at_skip``; the larger γ on a tie), and its lowest-KL point in the window;
+        else the point closest to the target. Evaluations are cached per γ (shared by the
+        methods); the chosen schedule is measured once more for its per-modality skip."""
+        found = []  # (in window, KL at the target or distance, -γ, point, α, evaluated)
         for gamma in gammas:
             alpha = self.tempered_alpha(gamma)
             grid = self.grid or GridSpec(
@@ -316,13 +319,14 @@ class BaselineTuner:
             window = [e for e in evaluated if self._within(e.skip, target)]
             if window:
                 best = min(window, key=lambda e: (e.kl, abs(e.skip - target), e.taus))
-                found.append((0, best.kl, -gamma, best, alpha, evaluated))
+                found.append((0, kl_at_skip(evaluated, target), -gamma, best, alpha, evaluated))
             else:
                 best = min(evaluated, key=lambda e: (abs(e.skip - target), e.taus))
                 found.append((1, abs(best.skip - target), -gamma, best, alpha, evaluated))
         _, _, gamma, best, alpha, evaluated = min(found, key=lambda f: f[:3])
         if len(gammas) > 1:
-            details.update(gamma=-gamma, gammas=list(gammas))
+            at_target = [[-f[2], f[1] if f[0] == 0 and math.isfinite(f[1]) else None] for f in found]
+            details.update(gamma=-gamma, gammas=list(gammas), kl_at_target=at_target)
         schedule = self.session.schedule(alpha, list(best.taus))
         trace = [(e.taus, e.skip) for e in evaluated]
         return KnobSearch(best.taus, schedule, self._measure(schedule), max(e.skip for e in evaluated), trace)

@@ -2,8 +2,9 @@
 
 Methods: "paper" searches τ for the paper's α (GMLG, α ∝ KL); "modes" (the default) searches
 τ for each tempered α ∝ KL^γ, γ in importance.GAMMAS (γ = 0 uniform α, γ = 1 the paper's), and
-keeps the lowest calibration KL reaching the target, so it is never worse on its own objective
-than uniform α or the paper's α (docs/calibration.md).
+keeps the γ whose searched frontier has the lowest calibration KL at exactly the target skip
+(``frontier.kl_at_skip``), so at the same skip it is never worse on its own objective than
+uniform α or the paper's α (docs/calibration.md); no pass beyond the candidates' searches.
 
 Cost: 1 reference pass + L·M ablation passes + the search passes over the calibration data, per
 γ (≤ D_0 + D_1 for two columns; about R · (M - 1) · Σ D_m for M > 2 columns, see frontier.py).
@@ -23,7 +24,7 @@ from modes_fx.schedule import OperatingPoint, Schedule
 
 from .cache import DiskCache, config_fingerprint, weights_fingerprint
 from .data import fingerprint, prepare
-from .frontier import FrontierResult, frontier_search, search_mode
+from .frontier import FrontierResult, frontier_search, kl_at_skip, search_mode
 from .grids import MAPPINGS, PAPER_POINTS, PAPER_X_MAX, score_grid, tau_grid, top_tau
 from .importance import GAMMAS, importance_kls, normalise
 from .measure import Measurement
@@ -140,9 +141,10 @@ def calibrate(
     the ``modes`` backend used for every pass; mode: the frontier search ("auto": exact
     two-pointer walk for ≤ 2 columns, coordinate-wise frontier steps for more; see frontier.py).
     method: "modes" (default: for each target, the tempering γ of α ∝ KL^γ among
-    importance.GAMMAS with the lowest calibration KL) or "paper" (γ = 1, the paper's α).
-    The returned schedule records the searched KL (nats per answer token) and skip ratio of the
-    active point, its γ and every candidate's (γ, KL, skip, passes), and in
+    importance.GAMMAS with the lowest calibration KL at exactly that skip) or "paper" (γ = 1,
+    the paper's α). The returned schedule records the searched KL (nats per answer token) and
+    skip ratio of the active point, its γ and every candidate's (γ, KL, skip, KL at the target
+    skip, passes), and in
     ``calibration["grid"]`` the grid spec with the τ values searched per column ("taus")."""
     targets = _check_targets(target_skip)
     if method not in METHODS:
@@ -178,6 +180,7 @@ def calibrate(
             "gamma": gamma,
             "candidates": [
                 {"gamma": g, "kl": f[0].best.kl if f[0].feasible else None, "skip": f[0].best.skip if f[0].feasible else None,
+                 "kl_at_target": kl_at_skip(f[0].evaluated, f[0].target) if f[0].feasible else None,  # finite when feasible
                  "passes": len(f[0].evaluated)}
                 for g, _, _, f in candidates
             ],
@@ -194,15 +197,17 @@ def calibrate(
 
 def _best_candidate(candidates: list[tuple], target: int) -> tuple:
     """Of (γ, α, grids, [FrontierResult per target]) candidates, (γ, α, grids, result) of the
-    lowest calibration KL reaching target number ``target`` (a tie: the larger γ); ValueError
-    when no candidate reaches it."""
+    lowest calibration KL at exactly target number ``target``'s skip, read on each candidate's
+    evaluated frontier (``frontier.kl_at_skip``: a candidate whose best point overshoots the
+    target is not penalised against one that barely reaches it; a tie: the larger γ);
+    ValueError when no candidate reaches it."""
     feasible = [(g, a, grids, results[target]) for g, a, grids, results in candidates if results[target].feasible]
     if not feasible:
         raise ValueError(
             f"{candidates[-1][3][target].message}; the default grid (GridSpec(mapping=\"scores\"), "
             "`modes calibrate --mapping scores`) follows the data's scores and reaches any target"
         )
-    return min(feasible, key=lambda c: (c[3].best.kl, -c[0]))
+    return min(feasible, key=lambda c: (kl_at_skip(c[3].evaluated, c[3].target), -c[0]))
 
 
 def search_thresholds(

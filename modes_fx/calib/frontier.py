@@ -54,6 +54,26 @@ class Evaluation:
     skip: float
 
 
+def kl_at_skip(evaluated: Sequence[Evaluation], skip: float) -> float:
+    """KL (nats per answer token) of the evaluated points' lower frontier at exactly ``skip``:
+    the frontier is the points no other point beats on both axes (more skip for no more KL),
+    read by linear interpolation between the two frontier points around ``skip``; ``inf`` when
+    no point reaches it; a point at exactly ``skip`` gives its own KL. Compares searches that
+    landed at different skips (one per tempering γ) at the same skip, where their best points
+    alone would favour the one that skipped less."""
+    reach = [e for e in evaluated if e.skip >= skip]
+    if not reach:
+        return math.inf
+    above = min(reach, key=lambda e: (e.kl, e.skip))
+    below = [e for e in evaluated if e.skip < skip and e.kl < above.kl]
+    if not below:
+        return above.kl
+    # the frontier point just below: the highest skip among those cheaper than ``above``
+    under = max(below, key=lambda e: (e.skip, -e.kl))
+    share = (skip - under.skip) / (above.skip - under.skip)
+    return under.kl + share * (above.kl - under.kl)
+
+
 @dataclass
 class FrontierResult:
     """Outcome of the search for one target skip ratio.
