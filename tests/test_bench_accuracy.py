@@ -53,7 +53,7 @@ def test_accuracy_benchmark_rows_statistics_and_outputs(tmp_path):
     assert all(f"| {m} |" in table for m in (*METHODS, benchmark.W4A16_METHOD)) and "W4A16 model" in table and "α" in table
     assert "| 50% | 2 | " in table and "Kendall τ-b" in table
     assert f"| 50% | top_k | {comparison['gap']:+.2f} | {comparison['noise']:.2f} |" in table
-    assert f"γ chosen by `modes` (α ∝ KL^γ, lowest calibration KL among γ ∈ {{0, 0.5, 1}}): 50% → {gammas['modes']:g}." in table
+    assert f"γ chosen by `modes` (α ∝ KL^γ, lowest calibration KL at the target skip among γ ∈ {{0, 0.5, 1}}): 50% → {gammas['modes']:g}." in table
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

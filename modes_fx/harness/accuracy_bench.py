@@ -247,7 +247,7 @@ def format_table(result: Result) -> str:
         chosen = [(r.target, r.details["gamma"], r.details["gammas"]) for r in result.rows if r.method == method and "gamma" in r.details]
         if chosen:
             tried = ", ".join(f"{g:g}" for g in chosen[0][2])
-            lines += ["", f"γ chosen by `{method}` (α ∝ KL^γ, lowest calibration KL among γ ∈ {{{tried}}}): "
+            lines += ["", f"γ chosen by `{method}` (α ∝ KL^γ, lowest calibration KL at the target skip among γ ∈ {{{tried}}}): "
                           + ", ".join(f"{100 * t:.0f}% → {g:g}" for t, g, _ in chosen) + "."]
     for name, stats in result.importance.items():
         lines += ["", f"GMLG on the {name} model: KL of removing a layer's routed experts for one modality's tokens (nats) → α:", ""]
