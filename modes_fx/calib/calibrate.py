@@ -103,7 +103,7 @@ def _cache(cache_dir, session: CalibrationSession, grid: GridSpec, inner: str, m
         "weights": weights_fingerprint(model),
         "architecture": session.base.fingerprint["architecture"],
         "config": config_fingerprint(model),
-        "data": fingerprint(session.batches),
+        "data": fingerprint(session.source_batches),
         "modalities": modalities,
         "grid": asdict(grid),
         "search": search_mode(mode, len(modalities)),

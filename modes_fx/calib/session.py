@@ -16,6 +16,7 @@ from modes_fx.rules import PiRule
 from modes_fx.schedule import Schedule
 
 from .data import CalibrationBatch
+from .encoded import pre_encoded
 from .measure import Measurement, measure, reference_logprobs
 
 
@@ -44,8 +45,10 @@ def check_token_ids(model: torch.nn.Module, batches: list[CalibrationBatch]) -> 
 
 
 class CalibrationSession:
-    """Context manager: attach a τ = 0 schedule, compile ``model`` in place, take the reference
-    pass; on exit restore the model's previous compilation and attachment.
+    """Context manager: attach a τ = 0 schedule, compile ``model`` in place, compute the batches'
+    threshold-independent inputs once (``encoded.pre_encoded``: vision encoder outputs, M-RoPE
+    position ids), take the reference pass; on exit restore the model's previous compilation and
+    attachment.
 
     ``reference_observer`` (set before entering, default None): sees every (site, π scores,
     modality ids) of the reference pass (``AttachedState.observing_scores``), e.g. a
@@ -56,7 +59,8 @@ class CalibrationSession:
     def __init__(self, model: torch.nn.Module, batches: list[CalibrationBatch], modalities: list[str], inner: str = "eager"):
         kind_to_column(modalities)  # validates the names
         check_token_ids(model, batches)
-        self.model, self.batches, self.inner = model, batches, inner
+        self.model, self.inner = model, inner
+        self.source_batches = self.batches = batches  # batches: pre-encoded on entering (what runs)
         self.base = Schedule.constant(model, tau={}, modalities=modalities)
         self.reference: list[torch.Tensor] = []
 
@@ -68,6 +72,9 @@ class CalibrationSession:
         self._previous_schedule = previous.schedule if previous else None
         self._previous_compiled = compiled_forward(self.model)
         try:
+            detach(self.model)
+            sites = [self.model.get_submodule(path) for path in self.base.site_paths]
+            self.batches = [pre_encoded(self.model, b, sites) for b in self.source_batches]
             attach(self.model, self.base)
             self.state = runtime.state_of(self.model)
             self.model.compile(backend="modes", options={"inner": self.inner})
