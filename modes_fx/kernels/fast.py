@@ -11,7 +11,8 @@ What makes it fast, with T tokens, k routed slots, P kept pairs and A active exp
   gathered once into a ``[P, H]`` buffer in expert order; for decode (``T <= DECODE_TOKENS``)
   there are at most ``DECODE_TOKENS * k`` pairs and they are grouped on the host from
   ``tolist()``, with no nonzero, sort, bincount or gather kernels, and a single-pair expert
-  accumulates with one ``add_(y, alpha=weight)``;
+  accumulates with one ``add_(y, alpha=weight)``; the same steps run in C++ for SiLU experts
+  with plain weights (``cpp_decode.py``, built on first use; the Python path otherwise);
 - each active expert runs ``F.linear(x, gate_up_proj[e])`` on its rows only, the activation is
   fused in place (``act(gate).mul_(up)``), the down projection result is scaled in place by the
   pairs' routing weights, and one ``index_add_`` accumulates all ``P`` rows into the output;
@@ -28,7 +29,10 @@ import torch
 from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
+from modes_fx.kernels import cpp_decode
+
 DECODE_TOKENS = 4  # at most this many tokens: group pairs on the host, no sorting kernels
+_TORCH_LINEAR = F.linear  # the C++ decode path computes exactly this; any other ``linear`` runs in Python
 
 
 def _act_mul(gate_up: torch.Tensor, intermediate: int, activation: str) -> torch.Tensor:
@@ -116,7 +120,12 @@ def _decode(
     ``add_(y, alpha=weight)`` (no gather, no weight tensor, no ``index_add_``); an expert with
     several pairs reads its weights once for all its rows.
 
-    x_all: ``[T, H]`` in the compute dtype; top_k_weights: ``[T, k]``; out: ``[T, H]`` zeros."""
+    x_all: ``[T, H]`` in the compute dtype; top_k_weights: ``[T, k]``; out: ``[T, H]`` zeros.
+    SiLU experts with plain CPU weights and ``F.linear`` run the same steps in C++
+    (``cpp_decode.decode_op``) when it is available."""
+    if activation == "silu" and linear is _TORCH_LINEAR and type(gate_up_proj) is torch.Tensor and type(down_proj) is torch.Tensor \
+            and out.device.type == "cpu" and (op := cpp_decode.decode_op()) is not None:
+        return op(out, x_all, top_k_index, top_k_weights, keep, gate_up_proj, down_proj)
     intermediate = down_proj.shape[-1]
     groups: dict[int, list[tuple[int, float]]] = {}
     rows = zip(top_k_index.tolist(), keep.tolist(), top_k_weights.tolist())

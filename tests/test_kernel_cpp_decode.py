@@ -1,0 +1,115 @@
+"""The C++ few-token path of the CPU masked experts kernel (kernels/decode_cpu.cpp): bit-equal
+to the Python path it replaces, used where it applies and only there, and a failed build falls
+back to the Python path with a warning."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.utils.cpp_extension
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_kernel_fast import case, mixes
+from test_kernel_fast import _args as kernel_args
+from test_op_masked_experts import make_case
+
+from modes_fx.kernels import cpp_decode, fast
+from modes_fx.kernels.fast import DECODE_TOKENS, masked_experts_fast
+from modes_fx.kernels.reference import masked_experts_reference
+
+decode_case = case.map(lambda shapes: {**shapes, "tokens": shapes["seed"] % (DECODE_TOKENS + 1)})  # 0..DECODE_TOKENS
+
+
+@pytest.fixture(scope="module")
+def op():
+    built = cpp_decode.decode_op()
+    assert built is not None, "the C++ decode kernel did not build on this machine"
+    return built
+
+
+def _python_path(*args):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpp_decode, "decode_op", lambda: None)
+        return masked_experts_fast(*args, "silu")
+
+
+@settings(max_examples=200, deadline=None)
+@given(shapes=decode_case, mix=mixes, weight_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       routing_dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_cpp_decode_is_bit_equal_to_the_python_path(op, shapes, mix, weight_dtype, routing_dtype):
+    args = kernel_args(shapes, mix, weight_dtype=weight_dtype, hidden_dtype=weight_dtype, routing_dtype=routing_dtype)
+    got = masked_experts_fast(*args, "silu")
+    expected = _python_path(*args)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    if weight_dtype == torch.float32:
+        torch.testing.assert_close(got, masked_experts_reference(*args, "silu"), rtol=1e-5, atol=1e-5)
+
+
+def _counting(monkeypatch, op):
+    calls = []
+    monkeypatch.setattr(cpp_decode, "decode_op", lambda: lambda *a: calls.append(a[1].shape[0]) or op(*a))
+    return calls
+
+
+def test_cpp_path_runs_exactly_where_it_applies(op, monkeypatch):
+    """SiLU, plain weights, F.linear, at most DECODE_TOKENS tokens: the C++ op and no Python
+    expert MLP; another activation, a custom linear or more tokens: the Python paths."""
+    calls = _counting(monkeypatch, op)
+    python_mlps = []
+    real_mlp = fast._expert_mlp
+    monkeypatch.setattr(fast, "_expert_mlp", lambda *a: python_mlps.append(a[0].shape[0]) or real_mlp(*a))
+    for tokens in (1, DECODE_TOKENS):
+        masked_experts_fast(*make_case(3, tokens, 8, 4, 6, 2, "all_true"), "silu")
+    assert calls == [1, DECODE_TOKENS] and python_mlps == []
+    for args, activation, linear in ((make_case(3, DECODE_TOKENS + 1, 8, 4, 6, 2, "all_true"), "silu", None),
+                                     (make_case(3, 2, 8, 4, 6, 2, "all_true"), "gelu", None),
+                                     (make_case(3, 2, 8, 4, 6, 2, "all_true"), "silu", lambda x, w: torch.nn.functional.linear(x, w))):
+        python_mlps.clear()
+        masked_experts_fast(*args, activation, linear=linear)
+        assert len(python_mlps) > 0
+    assert calls == [1, DECODE_TOKENS]
+
+
+def test_cpp_decode_never_reads_skipped_or_unrouted_experts(op):
+    hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj = make_case(5, DECODE_TOKENS, 8, 4, 8, 3, "all_true")
+    skipped = int(top_k_index[0, 0])
+    keep &= top_k_index != skipped
+    for e in [skipped, *sorted(set(range(8)) - set(top_k_index.flatten().tolist()))]:
+        gate_up_proj[e] = float("nan")
+        down_proj[e] = float("nan")
+    out = masked_experts_fast(hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj, "silu")
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, _python_path(hidden, top_k_index, top_k_weights, keep, gate_up_proj, down_proj))
+
+
+def test_failed_build_warns_and_falls_back(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'modes_fx_decode': no compiler")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", broken)
+    cpp_decode.decode_op.cache_clear()
+    try:
+        with pytest.warns(cpp_decode.SlowPathWarning, match="could not be built.*no compiler.*Python path"):
+            assert cpp_decode.decode_op() is None
+        args = make_case(2, 2, 8, 4, 6, 2, "all_true")
+        torch.testing.assert_close(masked_experts_fast(*args, "silu"), masked_experts_reference(*args, "silu"))
+    finally:
+        cpp_decode.decode_op.cache_clear()
+
+
+def test_switch_off_selects_the_python_path_without_building(monkeypatch):
+    monkeypatch.setenv(cpp_decode.ENV_SWITCH, "0")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", lambda *a, **k: pytest.fail("built although switched off"))
+    cpp_decode.decode_op.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert cpp_decode.decode_op() is None
+    finally:
+        cpp_decode.decode_op.cache_clear()
+
+
+def test_fast_module_uses_the_cpp_path_by_default(op):
+    assert fast.cpp_decode.decode_op() is op
