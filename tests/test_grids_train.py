@@ -3,6 +3,7 @@ staged recipe's parsing, a checkpoint that from_pretrained loads, training.json,
 with ``init``."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,3 +36,26 @@ def test_train_saves_a_loadable_checkpoint_and_init_continues_it(tmp_path):
     continued = train.train(train.TrainConfig(**STEPS), out=tmp_path / "b", init=tmp_path / "a", progress=False)
     assert json.loads((tmp_path / "b" / "training.json").read_text())["init"] == str(tmp_path / "a")
     assert any(not torch.equal(a, b) for a, b in zip(continued.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_top_k_concentration_is_one_over_k_for_equal_weights_and_one_for_a_single_expert():
+    k = grids_model.TOP_K
+    equal = torch.zeros(3, grids_model.NUM_EXPERTS)
+    peaked = torch.full((3, grids_model.NUM_EXPERTS), -1e4)
+    peaked[:, 5] = 0.0
+    torch.testing.assert_close(train.top_k_concentration((equal, equal), k), torch.tensor(1 / k))
+    torch.testing.assert_close(train.top_k_concentration((peaked,), k), torch.tensor(1.0))
+    mixed = train.top_k_concentration((equal, peaked), k)  # mean over layers
+    torch.testing.assert_close(mixed, torch.tensor((1 / k + 1) / 2))
+
+
+def test_router_spread_term_flattens_the_routing(tmp_path):
+    """One step with a large router_spread_coef lowers the top-k concentration more than one without."""
+    batch = data.encode(data.sample_questions(8, np.random.default_rng(0)))
+    concentration = {}
+    for coef in (0.0, 50.0):
+        model = train.train(train.TrainConfig(**{**STEPS, "stages": (train.Stage(3, 1),), "router_spread_coef": coef}), progress=False)
+        with torch.no_grad():
+            out = model(**batch.inputs, output_router_logits=True)
+        concentration[coef] = float(train.top_k_concentration(out.router_logits, grids_model.TOP_K))
+    assert concentration[50.0] < concentration[0.0]

@@ -6,7 +6,9 @@ The recipe (``RECIPE``) is staged: the cell lookup alone, then every question ty
 samples ``batch_size`` training questions of the stage's types (``data.sample_questions``: a
 fresh 4×4 grid of train-split digit images per vision question), runs the vision and the text
 questions as two forwards, and takes one AdamW step on the answer cross-entropy at the last position plus
-transformers' router load-balancing loss; learning rate per stage: linear warm-up, then cosine
+transformers' router load-balancing loss (plus, with ``--router-spread-coef C``, C × the
+concentration of each token's top-k routing weights, ``top_k_concentration``; 0 in the recipe,
+docs/grids.md says what it did); learning rate per stage: linear warm-up, then cosine
 decay to 10% (``digits.train._lr_factor``). Every ``--save-every`` steps and at the end the model is
 saved with ``save_pretrained`` next to ``training.json`` (settings, step, loss, running
 training accuracy per type, wall and CPU seconds, torch version, model config).
@@ -69,6 +71,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     aux_loss_coef: float = 0.01
+    router_spread_coef: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 1
@@ -76,9 +79,22 @@ class TrainConfig:
     log_every: int = 50
 
 
-def _loss(model, questions: list[data.Question], total: int, aux_loss_coef: float, hits: Counter, seen: Counter) -> torch.Tensor:
-    """Answer cross-entropy summed over ``questions`` plus ``aux_loss_coef`` × the router
-    load-balancing loss per question, divided by ``total``; counts argmax hits per type."""
+def top_k_concentration(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Mean over layers and token rows of Σ_j π_j² of the renormalised top-k routing weights π
+    (``router_logits``: per layer [rows, E]); 1/k when a token's k weights are equal, 1 when one
+    expert takes all of it."""
+    per_layer = []
+    for logits in router_logits:
+        top = torch.softmax(logits.float(), -1).topk(top_k, -1).values
+        per_layer.append(((top / top.sum(-1, keepdim=True)) ** 2).sum(-1).mean())
+    return torch.stack(per_layer).mean()
+
+
+def _loss(model, questions: list[data.Question], total: int, aux_loss_coef: float, hits: Counter, seen: Counter,
+          router_spread_coef: float = 0.0) -> torch.Tensor:
+    """Answer cross-entropy summed over ``questions`` plus, per question, ``aux_loss_coef`` × the
+    router load-balancing loss and ``router_spread_coef`` × ``top_k_concentration``, divided by
+    ``total``; counts argmax hits per type."""
     batch = data.encode(questions)
     out = model(**batch.inputs, logits_to_keep=1, output_router_logits=True)
     logits = out.logits[:, -1].float()
@@ -86,7 +102,10 @@ def _loss(model, questions: list[data.Question], total: int, aux_loss_coef: floa
     for t, hit in zip(batch.question_types, (logits.argmax(-1) == batch.answer_ids).tolist()):
         seen[t] += 1
         hits[t] += hit
-    return (ce + aux_loss_coef * len(questions) * out.aux_loss) / total
+    loss = ce + aux_loss_coef * len(questions) * out.aux_loss
+    if router_spread_coef:
+        loss = loss + router_spread_coef * len(questions) * top_k_concentration(out.router_logits, grids_model.TOP_K)
+    return loss / total
 
 
 def _save(model, out: Path, cfg: TrainConfig, step: tuple[int, int], loss_ema: float, accuracy: dict, wall: float, cpu: float, init) -> None:
@@ -134,7 +153,7 @@ def _train_stage(model, cfg: TrainConfig, index: int, out, init, clock: tuple[fl
     for step in range(1, stage.steps + 1):
         qs = data.sample_questions(cfg.batch_size, rng, types=stage.types)
         groups = [g for g in ([q for q in qs if q.grid is not None], [q for q in qs if q.grid is None]) if g]
-        loss = sum(_loss(model, g, cfg.batch_size, cfg.aux_loss_coef, hits, seen) for g in groups)
+        loss = sum(_loss(model, g, cfg.batch_size, cfg.aux_loss_coef, hits, seen, cfg.router_spread_coef) for g in groups)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -161,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated TYPES:STEPS:WARMUP stages (TYPES: all, or types joined by +); default: the recipe")
     for name in ("batch_size", "seed", "threads", "save_every", "log_every"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("lr", "weight_decay", "aux_loss_coef"):
+    for name in ("lr", "weight_decay", "aux_loss_coef", "router_spread_coef"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     args = vars(parser.parse_args(argv))
     out, init = args.pop("out"), args.pop("init")
