@@ -113,3 +113,15 @@ def test_switch_off_selects_the_python_path_without_building(monkeypatch):
 
 def test_fast_module_uses_the_cpp_path_by_default(op):
     assert fast.cpp_decode.decode_op() is op
+
+
+def test_ab_bench_times_each_path_and_restores_the_kernel(op, monkeypatch):
+    from modes_fx.harness import cpp_decode_bench
+
+    calls = _counting(monkeypatch, op)
+    counting = cpp_decode.decode_op
+    args = make_case(4, 1, 8, 4, 6, 2, "all_true")
+    assert cpp_decode_bench.time_call(args, use_cpp=False, calls=3) > 0 and calls == []
+    assert cpp_decode.decode_op is counting
+    cpp_decode_bench.time_call(args, use_cpp=True, calls=3)
+    assert calls == [1, 1, 1] and cpp_decode.decode_op is counting

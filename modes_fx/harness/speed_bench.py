@@ -58,6 +58,7 @@ import torch
 
 from modes_fx.calib.baselines import bisect_knob
 from modes_fx.compiled import set_compiled_forward
+from modes_fx.kernels import cpp_decode
 
 SKIP_TARGETS = (0.5, 0.75, 0.88)
 W4A16_SKIP = 0.88  # the W4A16 rows: dense vs this skip ratio
@@ -468,7 +469,11 @@ def run(cfg: BenchConfig, out_dir: Path, precision: str = "fp32", echo=print) ->
     echo(f"config: {asdict(cfg)}; {torch.get_num_threads()} torch threads")
     bandwidth = stream_bandwidth(cfg.bandwidth_mib)
     echo(f"streaming bandwidth: {bandwidth:.1f} GB/s (fp32 mat-vec over {cfg.bandwidth_mib} MiB)")
-    result = {"config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(), "bandwidth_gbs": bandwidth}
+    # built (or loaded from torch's extension cache) here, before any timing
+    decode_kernel = "C++ (kernels/decode_cpu.cpp)" if cpp_decode.decode_op() is not None else "Python (kernels/fast.py)"
+    echo(f"few-token (decode) path of the CPU experts kernel: {decode_kernel}")
+    result = {"config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(), "bandwidth_gbs": bandwidth,
+              "decode_kernel": decode_kernel}
     if precision in ("fp32", "both"):
         result.update(run_fp32(cfg, echo, bandwidth))
     if precision in ("w4a16", "both"):
