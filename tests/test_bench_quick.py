@@ -39,6 +39,12 @@ def test_quick_speed_benchmark_outputs(tmp_path, capsys):
             assert r[f"{phase}_amdahl_bound"] >= 1.0
     assert 0 < result["experts_share"]["prefill"] <= 1 and 0 < result["experts_share"]["decode"] <= 1
     assert "experts share" in stdout
+    # per-round decode ratios: one per timed round, the median's ratio inside their range
+    for r in rows.values():
+        low, high = r["decode_speedup_range"]
+        assert len(r["decode_rounds_ms"]) == bench.QUICK.reps and low <= r["decode_speedup_vs_dense"] <= high
+        assert f"{low:.2f}-{high:.2f}" in stdout
+    assert rows["dense"]["decode_speedup_range"] == [1.0, 1.0]
     # the roofline: bytes per token fall with the skip ratio, the bound is a fraction of the time
     assert result["bandwidth_gbs"] > 0 and "GB/s" in stdout
     per_token = [rows[name]["decode_mb_per_token"] for name in NAMES[2:]]

@@ -398,6 +398,7 @@ class Variant:
     decode_peak_mib: float = 0.0
     batched_decode_ms: dict[int, float] = field(default_factory=dict)  # batch > 1 -> decode ms
     batched_decode_skip: dict[int, float] = field(default_factory=dict)
+    decode_rounds_ms: list[float] = field(default_factory=list)  # batch-1 decode of every timed round
 
 
 def calibrate(runner: Runner, target: float, echo, prefix: str = "modes") -> Variant:
@@ -563,6 +564,7 @@ def measure(runner: Runner, variants: list[Variant], targets, prefix: str, echo,
     for v in variants:
         v.prefill_ms = statistics.median(samples[v.name]["prefill"])
         v.decode_ms = statistics.median(samples[v.name]["decode"])
+        v.decode_rounds_ms = list(samples[v.name]["decode"])
         v.batched_decode_ms = {b: statistics.median(ms) for b, ms in samples[v.name]["batched"].items()}
         _measure_untimed(runner, v)
     return variants, experts_share(runner, op)
@@ -626,7 +628,8 @@ def _decode_roofline(model: torch.nn.Module, cfg: BenchConfig, bandwidth: float)
 
 
 def _rows(variants: list[Variant], baseline: str, share: dict, roofline, cfg: BenchConfig) -> list[dict]:
-    """The table rows: each variant with its speedups over the ``baseline`` row, its Amdahl
+    """The table rows: each variant with its speedups over the ``baseline`` row, the lowest and
+    highest batch-1 decode speedup of a single timed round (``decode_speedup_range``), its Amdahl
     bound, (``roofline(row)``) its decode bandwidth bound and ``decode_by_batch`` (batch ->
     ms per token (``cfg.steps(batch)`` steps), speedup over the baseline at that batch, skip ratio,
     Amdahl bound; batch 1 is the row's decode)."""
@@ -638,6 +641,9 @@ def _rows(variants: list[Variant], baseline: str, share: dict, roofline, cfg: Be
             row[f"{phase}_speedup_vs_dense"] = getattr(base, f"{phase}_ms") / getattr(v, f"{phase}_ms")
             skip = getattr(v, f"{phase}_skip")
             row[f"{phase}_amdahl_bound"] = _amdahl(share[phase], skip) if skip == skip else None
+        # the same ratio per timed round (the rounds interleave the variants): how much it moves within the run
+        per_round = [b / m for b, m in zip(base.decode_rounds_ms, v.decode_rounds_ms)]
+        row["decode_speedup_range"] = (min(per_round), max(per_round)) if per_round else None
         roofline(row)
         row["decode_by_batch"] = _by_batch(v, base, share, cfg)
         rows.append(row)
@@ -689,19 +695,23 @@ def format_table(result: dict) -> str:
 def _table(rows: list[dict], share: dict[str, float]) -> list[str]:
     head = (
         f"{'variant':<16}{'skip p/d':>12}{'prefill ms':>12}{'x dense':>9}{'bound':>7}"
-        f"{'decode ms':>11}{'x dense':>9}{'bound':>7}{'MB/tok':>8}{'of bw':>7}{'peak MiB p/d':>15}"
+        f"{'decode ms':>11}{'x dense':>9}{'rounds':>12}{'bound':>7}{'MB/tok':>8}{'of bw':>7}{'peak MiB p/d':>15}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         skip = "-" if r["impl"] != "modes" else f"{r['prefill_skip']:.3f}/{r['decode_skip']:.3f}"
         bound = lambda b: "-" if b is None else f"{b:.2f}"  # noqa: E731
+        spread = r.get("decode_speedup_range")
+        rounds = "-" if not spread else f"{spread[0]:.2f}-{spread[1]:.2f}"
         lines.append(
             f"{r['name']:<16}{skip:>12}{r['prefill_ms']:>12.1f}{r['prefill_speedup_vs_dense']:>9.2f}"
             f"{bound(r['prefill_amdahl_bound']):>7}{r['decode_ms']:>11.1f}{r['decode_speedup_vs_dense']:>9.2f}"
-            f"{bound(r['decode_amdahl_bound']):>7}{r['decode_mb_per_token']:>8.1f}{r['decode_of_bound']:>7.0%}"
+            f"{rounds:>12}{bound(r['decode_amdahl_bound']):>7}{r['decode_mb_per_token']:>8.1f}{r['decode_of_bound']:>7.0%}"
             f"{r['prefill_peak_mib']:>8.0f}/{r['decode_peak_mib']:<6.0f}"
         )
     lines.append(f"experts share of dense (modes tau=0) time: prefill {share['prefill']:.1%}, decode {share['decode']:.1%}")
+    lines.append("rounds: lowest-highest decode x dense of a single timed round (the rounds interleave the rows); "
+                 "a difference inside that range is run-to-run noise")
     return lines + _batch_table(rows, share)
 
 
