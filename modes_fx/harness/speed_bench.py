@@ -643,7 +643,7 @@ def _rows(variants: list[Variant], baseline: str, share: dict, roofline, cfg: Be
             row[f"{phase}_amdahl_bound"] = _amdahl(share[phase], skip) if skip == skip else None
         # the same ratio per timed round (the rounds interleave the variants): how much it moves within the run
         per_round = [b / m for b, m in zip(base.decode_rounds_ms, v.decode_rounds_ms)]
-        row["decode_speedup_range"] = (min(per_round), max(per_round)) if per_round else None
+        row["decode_speedup_range"] = (min(per_round), max(per_round))
         roofline(row)
         row["decode_by_batch"] = _by_batch(v, base, share, cfg)
         rows.append(row)
@@ -701,12 +701,11 @@ def _table(rows: list[dict], share: dict[str, float]) -> list[str]:
     for r in rows:
         skip = "-" if r["impl"] != "modes" else f"{r['prefill_skip']:.3f}/{r['decode_skip']:.3f}"
         bound = lambda b: "-" if b is None else f"{b:.2f}"  # noqa: E731
-        spread = r.get("decode_speedup_range")
-        rounds = "-" if not spread else f"{spread[0]:.2f}-{spread[1]:.2f}"
+        low, high = r["decode_speedup_range"]
         lines.append(
             f"{r['name']:<16}{skip:>12}{r['prefill_ms']:>12.1f}{r['prefill_speedup_vs_dense']:>9.2f}"
             f"{bound(r['prefill_amdahl_bound']):>7}{r['decode_ms']:>11.1f}{r['decode_speedup_vs_dense']:>9.2f}"
-            f"{rounds:>12}{bound(r['decode_amdahl_bound']):>7}{r['decode_mb_per_token']:>8.1f}{r['decode_of_bound']:>7.0%}"
+            f"{f'{low:.2f}-{high:.2f}':>12}{bound(r['decode_amdahl_bound']):>7}{r['decode_mb_per_token']:>8.1f}{r['decode_of_bound']:>7.0%}"
             f"{r['prefill_peak_mib']:>8.0f}/{r['decode_peak_mib']:<6.0f}"
         )
     lines.append(f"experts share of dense (modes tau=0) time: prefill {share['prefill']:.1%}, decode {share['decode']:.1%}")
