@@ -47,9 +47,10 @@ def decode_op():
         load_inline(name, cpp_sources=[source], is_python_module=False, extra_cflags=["-O2"], verbose=False)
         return torch.ops.modes_cpu.masked_experts_decode
     except Exception as error:  # noqa: BLE001 (any build or load failure means the Python path)
+        last_line = (str(error).strip().splitlines() or [""])[-1]  # a compiler log ends with its verdict
         warnings.warn(
             f"modes: the C++ decode kernel (modes_fx/kernels/decode_cpu.cpp) could not be built or loaded "
-            f"({type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}); "
+            f"({type(error).__name__}: {last_line}); "
             f"decode runs the Python path of the masked experts kernel: same results, more per-call overhead. "
             f"A C++ compiler (as inductor's CPU backend needs) fixes it; set {ENV_SWITCH}=0 to silence this.",
             SlowPathWarning,
