@@ -46,7 +46,9 @@ def test_quick_speed_benchmark_outputs(tmp_path, capsys):
         assert f"{low:.2f}-{high:.2f}" in stdout
     assert rows["dense"]["decode_speedup_range"] == [1.0, 1.0]
     # the roofline: bytes per token fall with the skip ratio, the bound is a fraction of the time
-    assert result["bandwidth_gbs"] > 0 and "GB/s" in stdout
+    readers = result["bandwidth_readers_gbs"]
+    assert set(readers) == {"F.linear", "few_rows_linear"} and result["bandwidth_gbs"] == max(readers.values()) > 0
+    assert f"few_rows_linear {readers['few_rows_linear']:.1f}" in stdout
     per_token = [rows[name]["decode_mb_per_token"] for name in NAMES[2:]]
     assert per_token == sorted(per_token, reverse=True) and per_token[0] > per_token[-1]
     assert rows["dense"]["decode_mb_per_token"] == rows["modes tau=0"]["decode_mb_per_token"]

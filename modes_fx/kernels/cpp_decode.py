@@ -25,6 +25,10 @@ import torch
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 ENV_SWITCH = "MODES_FX_CPP_DECODE"
+# -fopenmp: at::parallel_for splits the fp32 mat-vecs over torch's intra-op threads (the extension
+# binds to the libgomp torch has already loaded, so torch.set_num_threads governs it)
+CFLAGS = ("-O3", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 
 class SlowPathWarning(UserWarning):
@@ -38,13 +42,15 @@ def decode_op():
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     source = SOURCE.read_text()
-    # the name carries a hash of the source and of torch's version: an edited source or another
-    # torch is a new extension, never a stale (or ABI-incompatible) cached one
-    name = f"modes_fx_decode_{hashlib.sha256((torch.__version__ + source).encode()).hexdigest()[:12]}"
+    # the name carries a hash of the source, the flags and torch's version: an edited source,
+    # other flags or another torch is a new extension, never a stale (or ABI-incompatible) one
+    key = " ".join([torch.__version__, *CFLAGS, *LDFLAGS, source])
+    name = f"modes_fx_decode_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     try:
         from torch.utils.cpp_extension import load_inline
 
-        load_inline(name, cpp_sources=[source], is_python_module=False, extra_cflags=["-O2"], verbose=False)
+        # (fresh lists: load_inline appends its own flags to the lists it is given)
+        load_inline(name, cpp_sources=[source], is_python_module=False, extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), verbose=False)
         return torch.ops.modes_cpu.masked_experts_decode
     except Exception as error:  # noqa: BLE001 (any build or load failure means the Python path)
         last_line = (str(error).strip().splitlines() or [""])[-1]  # a compiler log ends with its verdict

@@ -35,6 +35,12 @@ DECODE_TOKENS = 4  # at most this many tokens: group pairs on the host, no sorti
 _TORCH_LINEAR = F.linear  # the C++ decode path computes exactly this; any other ``linear`` runs in Python
 
 
+def plain_weights(*weights: torch.Tensor) -> bool:
+    """Whether every weight is a plain tensor (a ``torch.Tensor`` or an ``nn.Parameter`` of one,
+    as a model's expert weights reach the op), not a tensor subclass such as torchao's int4."""
+    return all(type(w) is torch.Tensor or type(w) is torch.nn.Parameter for w in weights)
+
+
 def _act_mul(gate_up: torch.Tensor, intermediate: int, activation: str) -> torch.Tensor:
     """``act(gate) * up`` for ``gate_up: [n, 2I]`` (gate = first I columns), as ``[n, I]``.
 
@@ -123,7 +129,7 @@ def _decode(
     x_all: ``[T, H]`` in the compute dtype; top_k_weights: ``[T, k]``; out: ``[T, H]`` zeros.
     SiLU experts with plain CPU weights and ``F.linear`` run the same steps in C++
     (``cpp_decode.decode_op``) when it is available."""
-    if activation == "silu" and linear is _TORCH_LINEAR and type(gate_up_proj) is torch.Tensor and type(down_proj) is torch.Tensor \
+    if activation == "silu" and linear is _TORCH_LINEAR and plain_weights(gate_up_proj, down_proj) \
             and out.device.type == "cpu" and (op := cpp_decode.decode_op()) is not None:
         return op(out, x_all, top_k_index, top_k_weights, keep, gate_up_proj, down_proj)
     intermediate = down_proj.shape[-1]

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from modes_fx.kernels.fast import _act_mul
+from modes_fx.kernels.fast import _act_mul, plain_weights
 
 _ALIGN_BYTES = 16  # torch._grouped_mm: every stride a multiple of 16 bytes
 
@@ -41,9 +41,7 @@ _ALIGN_BYTES = 16  # torch._grouped_mm: every stride a multiple of 16 bytes
 def supports(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
     """Whether :func:`masked_experts_grouped` can run these weights: plain tensors of one float
     dtype whose hidden size H and intermediate size I give 16-byte aligned rows."""
-    plain = type(gate_up_proj) is torch.Tensor or type(gate_up_proj) is torch.nn.Parameter
-    plain = plain and (type(down_proj) is torch.Tensor or type(down_proj) is torch.nn.Parameter)
-    if not plain or gate_up_proj.dtype != down_proj.dtype or not gate_up_proj.is_floating_point():
+    if not plain_weights(gate_up_proj, down_proj) or gate_up_proj.dtype != down_proj.dtype or not gate_up_proj.is_floating_point():
         return False
     size = gate_up_proj.element_size()
     hidden_size, intermediate = down_proj.shape[1], down_proj.shape[2]
